@@ -1,0 +1,31 @@
+// torchslim._C: importing it registers the ops (static initializers in ops.cpp and the
+// TORCH_LIBRARY_IMPL files); the functions here report what this build and this CPU can do.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels/int8_gemm.h"
+
+namespace py = pybind11;
+using namespace torchslim::cpu;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torchslim native kernels";
+  m.attr("__version__") = TORCHSLIM_VERSION;
+  m.attr("built_with_torch") = TORCHSLIM_TORCH_VERSION;
+#ifdef TORCHSLIM_WITH_CUDA
+  m.attr("cuda") = true;
+#else
+  m.attr("cuda") = false;
+#endif
+  m.def("best_cpu_isa", [] { return std::string(isa_name(best_isa())); },
+        "Best CPU instruction set of this machine: amx, avx512_vnni, avx2 or scalar.");
+  m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
+        "The CPU instruction set the int8 kernels use now.");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    if (!set_active_isa(name.c_str()))
+      throw std::invalid_argument("set_cpu_isa: '" + name + "' is unknown or not supported by this CPU (best: " +
+                                  isa_name(best_isa()) + ")");
+  }, "Use a lower instruction set for the int8 kernels (for tests and comparisons).");
+}

@@ -1,0 +1,171 @@
+// CPU implementations of the INT8 W8A8 ops: argument checks, buffers and threading (ATen), the
+// arithmetic in the per-ISA kernels under cpu/kernels/.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cpu/kernels/int8_gemm.h"
+
+namespace torchslim {
+namespace {
+
+using cpu::Dtype;
+using cpu::Isa;
+
+Dtype float_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::F32;
+    case at::kBFloat16: return Dtype::BF16;
+    case at::kHalf: return Dtype::F16;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
+  float_dtype(x, op);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+}
+
+// Checks w_scale and bias against N and returns bias as contiguous float32 (or undefined).
+at::Tensor check_scale_and_bias(const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                int64_t N, const char* op) {
+  TORCH_CHECK(w_scale.device().is_cpu(), op, ": w_scale must be on the CPU like x");
+  TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N,
+              ",), got ", w_scale.sizes());
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ",
+              w_scale.scalar_type());
+  TORCH_CHECK(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
+  const float* s = w_scale.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
+  if (!bias.has_value()) return {};
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.device().is_cpu(), op, ": bias must be on the CPU like x");
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", b.sizes());
+  TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
+  return b.to(at::kFloat).contiguous();
+}
+
+void check_weight_q(const at::Tensor& w_q, const char* op) {
+  TORCH_CHECK(w_q.device().is_cpu(), op, ": w_q must be on the CPU");
+  TORCH_CHECK(w_q.dim() == 2, op, ": w_q must be 2-D (N, K), got shape ", w_q.sizes());
+  TORCH_CHECK(w_q.scalar_type() == at::kChar, op, ": w_q must be int8, got ", w_q.scalar_type());
+  TORCH_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
+}
+
+cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& q, at::Tensor& scale,
+                                bool offset128) {
+  return {x.data_ptr(), x.size(1), float_dtype(x, "quantize"), x.size(1), K_pad,
+          q.data_ptr<int8_t>(), q.size(1), scale.data_ptr<float>(), offset128};
+}
+
+void quantize_rows(const cpu::QuantizeArgs& qa, int64_t M, Isa isa) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(qa.K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t b, int64_t e) {
+    if (isa >= Isa::Avx512Vnni)
+      cpu::quantize_rows_avx512(qa, b, e);
+    else
+      cpu::quantize_rows_scalar(qa, b, e);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
+  check_x(x, "quantize_per_token");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M > 0) quantize_rows(quantize_args(x, K, q, scale, false), M, cpu::active_isa());
+  return {q, scale};
+}
+
+at::Tensor pack_weight_cpu(const at::Tensor& w_q) {
+  check_weight_q(w_q, "int8_pack_weight");
+  const int64_t N = w_q.size(0), K = w_q.size(1);
+  const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
+  at::Tensor packed = at::empty({NB, cpu::block_bytes(cpu::round_up(K, cpu::kPadK))}, w_q.options());
+  cpu::pack_weight(w_q.data_ptr<int8_t>(), N, K, packed.data_ptr<int8_t>());
+  return packed;
+}
+
+void check_packed(const at::Tensor& w_packed, int64_t N, int64_t K, const char* op) {
+  TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU");
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.is_contiguous(), op,
+              ": w_packed must be a contiguous int8 tensor from int8_pack_weight");
+  const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
+  const int64_t bb = cpu::block_bytes(cpu::round_up(K, cpu::kPadK));
+  TORCH_CHECK(w_packed.dim() == 2 && w_packed.size(0) == NB && w_packed.size(1) == bb, op,
+              ": w_packed has shape ", w_packed.sizes(), " but a packed (N=", N, ", K=", K,
+              ") weight has shape [", NB, ", ", bb, "]");
+}
+
+at::Tensor unpack_weight_cpu(const at::Tensor& w_packed, int64_t N, int64_t K) {
+  check_packed(w_packed, N, K, "int8_unpack_weight");
+  at::Tensor w = at::empty({N, K}, w_packed.options());
+  cpu::unpack_weight(w_packed.data_ptr<int8_t>(), N, K, w.data_ptr<int8_t>());
+  return w;
+}
+
+at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias) {
+  const char* op = "int8_linear";
+  check_x(x, op);
+  const int64_t M = x.size(0), K = x.size(1), N = w_scale.dim() == 1 ? w_scale.size(0) : -1;
+  const at::Tensor bias_f32 = check_scale_and_bias(w_scale, bias, N, op);
+  check_packed(w_packed, N, K, op);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+
+  const Isa isa = cpu::active_isa();
+  const int64_t K_pad = cpu::round_up(K, cpu::kPadK);
+  // AMX loads activation tiles of 32 rows: pad with rows of zeros (their outputs are not written).
+  const int64_t M_pad = isa == Isa::Amx ? cpu::round_up(M, 32) : M;
+  at::Tensor q = at::empty({M_pad, K_pad}, x.options().dtype(at::kChar));
+  at::Tensor a_scale = at::empty({M_pad}, x.options().dtype(at::kFloat));
+  if (M_pad > M) q.narrow(0, M, M_pad - M).zero_();
+  quantize_rows(quantize_args(x, K_pad, q, a_scale, isa == Isa::Avx512Vnni), M, isa);
+
+  const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale.data_ptr<float>(),
+                        w_packed.data_ptr<int8_t>(), w_scale.data_ptr<float>(),
+                        bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
+                        out.data_ptr(), N, float_dtype(x, op), M, N, K_pad};
+  auto* tile = isa == Isa::Amx ? cpu::gemm_tile_amx
+             : isa == Isa::Avx512Vnni ? cpu::gemm_tile_avx512
+             : isa == Isa::Avx2 ? cpu::gemm_tile_avx2 : cpu::gemm_tile_scalar;
+  // Tasks: 64 output channels x up to 192 rows (a multiple of every kernel's row step), so each
+  // thread keeps its weight panel in L2 while it runs through the rows.
+  constexpr int64_t kChannelBlocks = 4, kRows = 192;
+  const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
+  const int64_t NG = (NB + kChannelBlocks - 1) / kChannelBlocks;
+  const int64_t MT = (M + kRows - 1) / kRows;
+  at::parallel_for(0, NG * MT, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t nb0 = (t / MT) * kChannelBlocks, m0 = (t % MT) * kRows;
+      tile(g, m0, std::min(M, m0 + kRows), nb0, std::min(NB, nb0 + kChannelBlocks));
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias) {
+  check_x(x, "int8_linear");
+  check_weight_q(w_q, "int8_linear");
+  TORCH_CHECK(w_q.size(1) == x.size(1), "int8_linear: x has K=", x.size(1), " but w_q has K=", w_q.size(1));
+  return int8_linear_packed_cpu(x, pack_weight_cpu(w_q), w_scale, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token_cpu);
+  m.impl("int8_pack_weight", &pack_weight_cpu);
+  m.impl("int8_unpack_weight", &unpack_weight_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("int8_linear_packed", &int8_linear_packed_cpu);
+}
+
+}  // namespace torchslim

@@ -1,0 +1,59 @@
+// 16-lane float loads and stores in float32 / bfloat16 / float16 for AVX-512 kernels (masked, so
+// row and column tails never touch memory outside the tensor). Only included by files compiled
+// with AVX-512 flags.
+#pragma once
+#include <immintrin.h>
+
+#include "int8_gemm.h"
+
+namespace torchslim::cpu {
+namespace {
+
+inline __m512 load16(const void* p, Dtype dt, int64_t i, __mmask16 mask) {
+  switch (dt) {
+    case Dtype::BF16: {
+      const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    case Dtype::F16:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i));
+    default:
+      return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+  }
+}
+
+inline void store16(void* p, Dtype dt, int64_t i, __m512 v, __mmask16 mask) {
+  switch (dt) {
+    case Dtype::BF16: {
+      // Round to nearest even; NaN becomes the quiet NaN 0x7FC0, as c10::BFloat16 does.
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask, _mm512_cvtepi32_epi16(r));
+      break;
+    }
+    case Dtype::F16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask,
+                               _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    default:
+      _mm512_mask_storeu_ps(static_cast<float*>(p) + i, mask, v);
+  }
+}
+
+inline __mmask16 tail_mask(int64_t valid) {
+  return valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+}
+
+// The fused epilogue of one 16-channel block for one row: int32 -> float, scales, bias, cast.
+inline void epilogue16(const GemmArgs& g, __m512i acc, int64_t m, int64_t n0) {
+  const __mmask16 mask = tail_mask(g.N - n0);
+  const __m512 bs = _mm512_maskz_loadu_ps(mask, g.b_scale + n0);
+  const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0) : _mm512_setzero_ps();
+  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(bs, _mm512_set1_ps(g.a_scale[m])), bias);
+  store16(g.out, g.out_dtype, m * g.ldo + n0, v, mask);
+}
+
+}  // namespace
+}  // namespace torchslim::cpu

@@ -1,0 +1,97 @@
+// Run-time CPU feature detection: cpuid for what the core has, xgetbv for what the OS saves on a
+// context switch, and the Linux permission request that AMX tile data needs before first use.
+#include <cpuid.h>
+#include <cstdlib>
+#include <cstring>
+#include <atomic>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "int8_gemm.h"
+
+namespace torchslim::cpu {
+namespace {
+
+uint64_t xcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+bool bit(uint32_t reg, int b) { return (reg >> b) & 1u; }
+
+bool request_amx_permission() {
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+Isa detect() {
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::Scalar;
+  const bool osxsave = bit(c, 27), fma = bit(c, 12), f16c = bit(c, 29);
+  if (!osxsave) return Isa::Scalar;
+  const uint64_t xcr = xcr0();
+  const bool os_avx = (xcr & 0x6) == 0x6;             // SSE + AVX state
+  const bool os_avx512 = (xcr & 0xE6) == 0xE6;        // + opmask, ZMM_Hi256, Hi16_ZMM
+  const bool os_amx = (xcr & (3ull << 17)) == (3ull << 17);  // XTILECFG + XTILEDATA
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::Scalar;
+  const bool avx2 = bit(b, 5) && fma && f16c && os_avx;
+  const bool avx512 = bit(b, 16) && bit(b, 17) && bit(b, 30) && bit(b, 31) && os_avx512;
+  const bool vnni = bit(c, 11);
+  const bool amx = bit(d, 24) && bit(d, 25) && os_amx;
+  if (avx512 && vnni && amx && request_amx_permission()) return Isa::Amx;
+  if (avx512 && vnni) return Isa::Avx512Vnni;
+  if (avx2) return Isa::Avx2;
+  return Isa::Scalar;
+}
+
+}  // namespace
+
+Isa best_isa() {
+  static const Isa isa = detect();
+  return isa;
+}
+
+namespace {
+bool parse_isa(const char* name, Isa* out) {
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx}) {
+    if (std::strcmp(name, isa_name(isa)) == 0) {
+      *out = isa;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> isa = [] {
+    Isa chosen = best_isa();
+    const char* env = std::getenv("TORCHSLIM_CPU_ISA");
+    Isa wanted;
+    if (env && parse_isa(env, &wanted) && wanted <= chosen) chosen = wanted;
+    return int(chosen);
+  }();
+  return isa;
+}
+}  // namespace
+
+Isa active_isa() { return Isa(active().load(std::memory_order_relaxed)); }
+
+bool set_active_isa(const char* name) {
+  Isa wanted;
+  if (!parse_isa(name, &wanted) || wanted > best_isa()) return false;
+  active().store(int(wanted), std::memory_order_relaxed);
+  return true;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Amx: return "amx";
+    case Isa::Avx512Vnni: return "avx512_vnni";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace torchslim::cpu

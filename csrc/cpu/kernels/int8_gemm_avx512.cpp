@@ -1,0 +1,116 @@
+// AVX-512 VNNI INT8 W8A8: vpdpbusd multiplies unsigned activations (q + 128) by signed weights and
+// adds groups of four into int32; the +128 is undone with the column sums stored in the packed
+// weight. Register tile: MR rows x NBLK blocks of 16 channels (6 x 4 = 24 zmm accumulators).
+#include <cstring>
+
+#include "avx512_io.h"
+#include "int8_gemm.h"
+
+namespace torchslim::cpu {
+namespace {
+
+constexpr int kMR = 6;
+constexpr int kNBLK = 4;
+
+template <int MR, int NBLK>
+void micro(const GemmArgs& g, int64_t m, int64_t nb) {
+  const int64_t bb = block_bytes(g.K_pad);
+  const int8_t* bp[NBLK];
+#pragma GCC unroll 4
+  for (int j = 0; j < NBLK; ++j) bp[j] = g.b + (nb + j) * bb;
+  const int8_t* ap = g.a + m * g.lda;
+
+  __m512i acc[MR][NBLK];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_setzero_si512();
+
+  for (int64_t k4 = 0; k4 < g.K_pad / 4; ++k4) {
+    __m512i bv[NBLK];
+#pragma GCC unroll 4
+    for (int j = 0; j < NBLK; ++j) bv[j] = _mm512_loadu_si512(bp[j] + k4 * 64);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, ap + i * g.lda + k4 * 4, 4);
+      const __m512i av = _mm512_set1_epi32(a4);
+#pragma GCC unroll 4
+      for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+
+#pragma GCC unroll 4
+  for (int j = 0; j < NBLK; ++j) {
+    // sum_k (q + 128) * w - 128 * sum_k w  ==  sum_k q * w, exactly in int32.
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(bp[j] + g.K_pad * kBlockN), 7);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i)
+      epilogue16(g, _mm512_sub_epi32(acc[i][j], offset), m + i, (nb + j) * kBlockN);
+  }
+}
+
+template <int NBLK>
+void micro_rows(const GemmArgs& g, int64_t m, int64_t rows, int64_t nb) {
+  switch (rows) {
+    case 1: micro<1, NBLK>(g, m, nb); break;
+    case 2: micro<2, NBLK>(g, m, nb); break;
+    case 3: micro<3, NBLK>(g, m, nb); break;
+    case 4: micro<4, NBLK>(g, m, nb); break;
+    case 5: micro<5, NBLK>(g, m, nb); break;
+    default: micro<6, NBLK>(g, m, nb); break;
+  }
+}
+
+}  // namespace
+
+void gemm_tile_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  for (int64_t nb = nb0; nb < nb1; nb += kNBLK) {
+    const int64_t nblk = nb1 - nb < kNBLK ? nb1 - nb : kNBLK;
+    for (int64_t m = m0; m < m1; m += kMR) {
+      const int64_t rows = m1 - m < kMR ? m1 - m : kMR;
+      switch (nblk) {
+        case 1: micro_rows<1>(g, m, rows, nb); break;
+        case 2: micro_rows<2>(g, m, rows, nb); break;
+        case 3: micro_rows<3>(g, m, rows, nb); break;
+        default: micro_rows<4>(g, m, rows, nb); break;
+      }
+    }
+  }
+}
+
+void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t base = m * a.ldx;
+    __m512 vmax = zero, vnonfinite = zero;
+    for (int64_t k = 0; k < a.K; k += 16) {
+      const __m512 v = load16(a.x, a.dtype, base + k, tail_mask(a.K - k));
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      vnonfinite = _mm512_add_ps(vnonfinite, _mm512_mul_ps(v, zero));  // NaN if any v is NaN/Inf
+    }
+    const float absmax = _mm512_reduce_max_ps(vmax);
+    const float nonfinite = _mm512_reduce_add_ps(vnonfinite);
+    int8_t* q = a.q + m * a.ldq;
+    const int offset = a.offset128 ? 0x80 : 0;
+    if (nonfinite != 0.f || absmax == 0.f) {
+      a.scale[m] = absmax == 0.f ? 0.f : __builtin_nanf("");
+      std::memset(q, offset, a.K_pad);
+      continue;
+    }
+    a.scale[m] = absmax / 127.f;
+    const __m512 inv = _mm512_set1_ps(127.f / absmax);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m128i off = _mm_set1_epi8(char(offset));
+    for (int64_t k = 0; k < a.K; k += 16) {
+      const __mmask16 mask = tail_mask(a.K - k);
+      const __m512 v = load16(a.x, a.dtype, base + k, mask);
+      __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+      _mm_mask_storeu_epi8(q + k, mask, _mm_xor_si128(_mm512_cvtepi32_epi8(r), off));
+    }
+    std::memset(q + a.K, offset, a.K_pad - a.K);
+  }
+}
+
+}  // namespace torchslim::cpu

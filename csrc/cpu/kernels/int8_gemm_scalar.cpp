@@ -1,0 +1,79 @@
+// Portable INT8 W8A8 code: the weight packing (run once per weight), the reference-exact
+// per-token quantization, and a GEMM that any x86-64 CPU runs. Compiled without ISA flags.
+#include <cmath>
+#include <cstring>
+
+#include "int8_gemm.h"
+#include "scalar_convert.h"
+
+namespace torchslim::cpu {
+
+void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* packed) {
+  const int64_t K_pad = round_up(K, kPadK);
+  const int64_t NB = round_up(N, kBlockN) / kBlockN;
+  const int64_t bb = block_bytes(K_pad);
+  std::memset(packed, 0, NB * bb);
+  for (int64_t nb = 0; nb < NB; ++nb) {
+    int8_t* blk = packed + nb * bb;
+    int32_t sums[kBlockN] = {};
+    for (int64_t j = 0; j < kBlockN && nb * kBlockN + j < N; ++j) {
+      const int8_t* row = w + (nb * kBlockN + j) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        blk[(k / 4) * 64 + j * 4 + (k % 4)] = row[k];
+        sums[j] += row[k];
+      }
+    }
+    std::memcpy(blk + K_pad * kBlockN, sums, sizeof(sums));
+  }
+}
+
+void unpack_weight(const int8_t* packed, int64_t N, int64_t K, int8_t* w) {
+  const int64_t bb = block_bytes(round_up(K, kPadK));
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* blk = packed + (n / kBlockN) * bb;
+    const int64_t j = n % kBlockN;
+    for (int64_t k = 0; k < K; ++k) w[n * K + k] = blk[(k / 4) * 64 + j * 4 + (k % 4)];
+  }
+}
+
+void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float absmax = 0.f, nonfinite = 0.f;
+    for (int64_t k = 0; k < a.K; ++k) {
+      const float v = load_as_float(a.x, a.dtype, m * a.ldx + k);
+      absmax = std::fmax(absmax, std::fabs(v));
+      nonfinite += v * 0.f;  // NaN as soon as one v is NaN or +-Inf
+    }
+    int8_t* q = a.q + m * a.ldq;
+    const int8_t offset = a.offset128 ? int8_t(-128) : int8_t(0);
+    if (nonfinite != 0.f || absmax == 0.f) {
+      a.scale[m] = absmax == 0.f ? 0.f : NAN;
+      std::memset(q, offset, a.K_pad);
+      continue;
+    }
+    a.scale[m] = absmax / 127.f;
+    const float inv = 127.f / absmax;
+    for (int64_t k = 0; k < a.K; ++k) {
+      const float r = std::nearbyint(load_as_float(a.x, a.dtype, m * a.ldx + k) * inv);
+      q[k] = int8_t(int(std::fmin(std::fmax(r, -127.f), 127.f)) ^ (a.offset128 ? 0x80 : 0));
+    }
+    std::memset(q + a.K, offset, a.K_pad - a.K);
+  }
+}
+
+void gemm_tile_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  const int64_t bb = block_bytes(g.K_pad);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int8_t* blk = g.b + nb * bb;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* a = g.a + m * g.lda;
+      int32_t acc[kBlockN] = {};
+      for (int64_t k4 = 0; k4 < g.K_pad / 4; ++k4)
+        for (int64_t j = 0; j < kBlockN; ++j)
+          for (int64_t t = 0; t < 4; ++t) acc[j] += int32_t(a[k4 * 4 + t]) * blk[k4 * 64 + j * 4 + t];
+      epilogue_block_scalar(g, acc, m, nb);
+    }
+  }
+}
+
+}  // namespace torchslim::cpu

@@ -1,0 +1,54 @@
+// Scalar float <-> bfloat16 / float16 conversions (round to nearest even, NaN kept quiet) and the
+// scalar GEMM epilogue, for the portable and AVX2 kernels. Static inline: each ISA file gets its own copy.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "int8_gemm.h"
+
+namespace torchslim::cpu {
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return uint16_t(bits >> 16);
+}
+
+inline float load_as_float(const void* p, Dtype dt, int64_t i) {
+  switch (dt) {
+    case Dtype::BF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case Dtype::F16: return float(static_cast<const _Float16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+inline void store_from_float(void* p, Dtype dt, int64_t i, float v) {
+  switch (dt) {
+    case Dtype::BF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    case Dtype::F16: static_cast<_Float16*>(p)[i] = _Float16(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// The fused epilogue of one 16-channel block for row m, from its int32 accumulators.
+inline void epilogue_block_scalar(const GemmArgs& g, const int32_t* acc, int64_t m, int64_t nb) {
+  for (int64_t j = 0; j < kBlockN && nb * kBlockN + j < g.N; ++j) {
+    const int64_t n = nb * kBlockN + j;
+    const float bias = g.bias ? g.bias[n] : 0.f;
+    store_from_float(g.out, g.out_dtype, m * g.ldo + n, std::fma(float(acc[j]), g.a_scale[m] * g.b_scale[n], bias));
+  }
+}
+
+}  // namespace
+}  // namespace torchslim::cpu

@@ -1,0 +1,20 @@
+// Every torchslim op schema, defined once. Implementations register per dispatch key in
+// csrc/cpu/*.cpp, csrc/cuda/*.cu, or from Python (Triton); the fakes live in torchslim/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(torchslim, m) {
+  m.set_python_module("torchslim.ops");
+
+  // x (M, K) float32|bfloat16|float16 -> (q (M, K) int8, scale (M,) float32), symmetric per row.
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+
+  // w_q (N, K) int8 -> the CPU kernels' packed layout (formats/int8.py documents it).
+  m.def("int8_pack_weight(Tensor w_q) -> Tensor");
+  // Inverse of int8_pack_weight; N and K are those of the original (N, K) weight.
+  m.def("int8_unpack_weight(Tensor w_packed, SymInt N, SymInt K) -> Tensor");
+
+  // W8A8 linear: x (M, K) float, w_q (N, K) int8, w_scale (N,) float32, bias (N,) -> (M, N) x.dtype.
+  m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  // The same with the weight from int8_pack_weight (CPU): what Int8Linear calls on CPU.
+  m.def("int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
+}

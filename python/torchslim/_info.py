@@ -1,0 +1,38 @@
+"""torchslim.info(): what this build and this machine can run."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import _C
+
+
+def info() -> dict:
+    """Version, torch versions, and which kernel runs each op on each device."""
+    triton = importlib.util.find_spec("triton") is not None
+    cuda_ok = torch.cuda.is_available()
+    return {
+        "torchslim": _C.__version__,
+        "torch": torch.__version__,
+        "built_with_torch": _C.built_with_torch,
+        "cpu_isa": _C.cpu_isa(),
+        "best_cpu_isa": _C.best_cpu_isa(),
+        "cuda_compiled": _C.cuda,
+        "cuda_available": cuda_ok,
+        "triton": triton,
+        "kernels": {
+            "quantize_per_token": {"cpu": f"C++ ({_C.cpu_isa()})",
+                                    "cuda": "CUDA C++" if _C.cuda else "not built"},
+            "int8_linear": {"cpu": f"C++ ({_C.cpu_isa()})",
+                            "cuda": "Triton" if triton else "needs triton"},
+        },
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [f"{k}: {v}" for k, v in d.items() if k != "kernels"]
+    lines.append("kernels:")
+    for op, per_device in d["kernels"].items():
+        lines.append(f"  {op}: " + ", ".join(f"{dev}={impl}" for dev, impl in per_device.items()))
+    return "\n".join(lines)

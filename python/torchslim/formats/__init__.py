@@ -1,0 +1,1 @@
+"""Weight formats: their layouts, packing and validation."""

@@ -1,0 +1,4 @@
+"""Drop-in replacements for nn.Linear, each with from_linear(...) and to_linear()."""
+from .int8_linear import Int8Linear
+
+__all__ = ["Int8Linear"]

@@ -1,0 +1,42 @@
+"""Plain-PyTorch references of every torchslim op: the tests' oracle.
+
+They follow the kernels' definitions to the bit where the kernels are exact (quantized values,
+int32 accumulators) and compute everything else in float64.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference of ops.quantize_per_token (bit-exact). x: (M, K) float -> (q int8, scale float32)."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
+    finite = torch.isfinite(xf).all(dim=1)
+    zero = absmax == 0
+    # Quotients in float64 then rounded once to float32 equal the correctly rounded float32
+    # quotients the kernels compute (53 >= 2 * 24 + 2 bits, so the double rounding is harmless).
+    a64 = absmax.double()
+    scale = (a64 / 127).float()
+    inv = (127 / a64).float()
+    q = torch.round(xf * inv[:, None]).clamp(-127, 127)
+    ok = (finite & ~zero)[:, None]
+    q = torch.where(ok, q, torch.zeros_like(q)).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    scale = torch.where(zero & finite, torch.zeros_like(scale), scale)
+    return q, scale
+
+
+def int8_accumulate(q: Tensor, w_q: Tensor) -> Tensor:
+    """The exact integer product q (M, K) @ w_q (N, K).T as int64."""
+    return q.long() @ w_q.long().T
+
+
+def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference of ops.int8_linear in float64: (M, N)."""
+    q, s = quantize_per_token(x)
+    out = int8_accumulate(q, w_q).double() * (s.double()[:, None] * w_scale.double()[None, :])
+    if bias is not None:
+        out = out + bias.double()
+    return out
