@@ -155,6 +155,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   check_x(x, "int8_linear");
   check_weight_q(w_q, "int8_linear");
   TORCH_CHECK(w_q.size(1) == x.size(1), "int8_linear: x has K=", x.size(1), " but w_q has K=", w_q.size(1));
+  check_scale_and_bias(w_scale, bias, w_q.size(0), "int8_linear");
   return int8_linear_packed_cpu(x, pack_weight_cpu(w_q), w_scale, bias);
 }
 

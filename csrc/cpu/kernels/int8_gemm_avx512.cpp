@@ -94,7 +94,7 @@ void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
     int8_t* q = a.q + m * a.ldq;
     const int offset = a.offset128 ? 0x80 : 0;
     if (nonfinite != 0.f || absmax == 0.f) {
-      a.scale[m] = absmax == 0.f ? 0.f : __builtin_nanf("");
+      a.scale[m] = nonfinite == 0.f ? 0.f : __builtin_nanf("");  // NaN rows first: fmax drops NaN
       std::memset(q, offset, a.K_pad);
       continue;
     }

@@ -47,7 +47,7 @@ void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1) {
     int8_t* q = a.q + m * a.ldq;
     const int8_t offset = a.offset128 ? int8_t(-128) : int8_t(0);
     if (nonfinite != 0.f || absmax == 0.f) {
-      a.scale[m] = absmax == 0.f ? 0.f : NAN;
+      a.scale[m] = nonfinite == 0.f ? 0.f : NAN;  // NaN rows first: fmax drops NaN
       std::memset(q, offset, a.K_pad);
       continue;
     }

@@ -1,0 +1,59 @@
+"""Shared test setup: the Triton interpreter switch, the ISA fixture and the tolerance table."""
+import os
+
+import torch
+
+# Triton kernels run through the interpreter where no GPU is present; the variable must be set
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import torchslim  # noqa: E402
+
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Unit roundoff (the largest relative error of one rounding) of each dtype. The int8 kernels
+# accumulate exactly in int32; what remains is the float32 epilogue (int32 -> float32, the scale
+# product, the fma with the bias: ROUNDINGS roundings, each relative to the size of its terms)
+# and one final rounding to the output dtype, so outputs are compared with
+#   |out - ref| <= u(dtype) * |ref| + 2 * ROUNDINGS * u(float32) * mag,
+# where mag = |acc * scales| + |bias| (the terms' size; the 2 covers the float32 error being
+# rounded once more by the final cast).
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+ROUNDINGS = 3
+
+ALL_ISAS = ["scalar", "avx2", "avx512_vnni", "amx"]
+
+
+def available_isas():
+    best = ALL_ISAS.index(torchslim._C.best_cpu_isa())
+    return ALL_ISAS[: best + 1]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def cpu_isa(request):
+    """Runs a test once per CPU kernel path this machine can execute; restores the default."""
+    if request.param not in available_isas():
+        pytest.skip(f"this CPU lacks {request.param}")
+    before = torchslim._C.cpu_isa()
+    torchslim.set_cpu_isa(request.param)
+    yield request.param
+    torchslim.set_cpu_isa(before)
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: torch.Tensor | None = None):
+    """out (any float dtype) against a float64 reference, with the bound above."""
+    u = UNIT_ROUNDOFF[out.dtype]
+    mag = ref.abs() if scale_mag is None else scale_mag
+    bound = u * ref.abs() + 2 * ROUNDINGS * UNIT_ROUNDOFF[torch.float32] * mag
+    if out.dtype == torch.float16:
+        bound = bound + 2.0**-25  # half the float16 subnormal spacing (absolute, below 2**-14)
+    err = (out.double() - ref).abs()
+    excess = (err - bound).flatten()
+    worst = int(excess.argmax())
+    assert not bool((excess > 0).any()), (
+        f"{int((excess > 0).sum())} of {out.numel()} elements beyond the rounding bound; worst at flat "
+        f"index {worst}: out={float(out.flatten()[worst])}, ref={float(ref.flatten()[worst])}, "
+        f"bound={float(bound.flatten()[worst])}")
