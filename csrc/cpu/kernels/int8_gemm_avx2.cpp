@@ -37,12 +37,14 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
       acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(abs1, _mm256_sign_epi8(av, b1)), ones));
     }
   }
+  // Store all accumulators first (constant indices), so none lives in memory inside the k loop.
+  alignas(32) int32_t c[MR][kBlockN];
+#pragma GCC unroll 4
   for (int i = 0; i < MR; ++i) {
-    alignas(32) int32_t sums[kBlockN];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc[i][0]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8), acc[i][1]);
-    epilogue_block_scalar(g, sums, m + i, nb);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c[i]), acc[i][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c[i] + 8), acc[i][1]);
   }
+  for (int i = 0; i < MR; ++i) epilogue_block_scalar(g, c[i], m + i, nb);
 }
 
 }  // namespace

@@ -40,13 +40,19 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
     }
   }
 
+  // Spill the accumulators once, so the epilogue's loops cannot force them into memory inside
+  // the k loop (GCC keeps an array that is indexed by a run-time value in memory).
+  alignas(64) int32_t c[MR][NBLK][kBlockN];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
+    for (int j = 0; j < NBLK; ++j) _mm512_store_si512(c[i][j], acc[i][j]);
+
   for (int j = 0; j < NBLK; ++j) {
     // sum_k (q + 128) * w - 128 * sum_k w  ==  sum_k q * w, exactly in int32.
     const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(bp[j] + g.K_pad * kBlockN), 7);
-#pragma GCC unroll 6
     for (int i = 0; i < MR; ++i)
-      epilogue16(g, _mm512_sub_epi32(acc[i][j], offset), m + i, (nb + j) * kBlockN);
+      epilogue16(g, _mm512_sub_epi32(_mm512_load_si512(c[i][j]), offset), m + i, (nb + j) * kBlockN);
   }
 }
 
@@ -79,13 +85,17 @@ void gemm_tile_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, in
   }
 }
 
-void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
+namespace {
+
+// One row per iteration; the dtype is a template parameter so the inner loops carry no switch.
+template <Dtype DT>
+void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t base = m * a.ldx;
     __m512 vmax = zero, vnonfinite = zero;
     for (int64_t k = 0; k < a.K; k += 16) {
-      const __m512 v = load16(a.x, a.dtype, base + k, tail_mask(a.K - k));
+      const __m512 v = load16(a.x, DT, base + k, tail_mask(a.K - k));
       vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
       vnonfinite = _mm512_add_ps(vnonfinite, _mm512_mul_ps(v, zero));  // NaN if any v is NaN/Inf
     }
@@ -94,7 +104,7 @@ void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
     int8_t* q = a.q + m * a.ldq;
     const int offset = a.offset128 ? 0x80 : 0;
     if (nonfinite != 0.f || absmax == 0.f) {
-      a.scale[m] = nonfinite == 0.f ? 0.f : __builtin_nanf("");  // NaN rows first: fmax drops NaN
+      a.scale[m] = nonfinite == 0.f ? 0.f : __builtin_nanf("");  // NaN rows first: max drops NaN
       std::memset(q, offset, a.K_pad);
       continue;
     }
@@ -104,12 +114,22 @@ void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
     const __m128i off = _mm_set1_epi8(char(offset));
     for (int64_t k = 0; k < a.K; k += 16) {
       const __mmask16 mask = tail_mask(a.K - k);
-      const __m512 v = load16(a.x, a.dtype, base + k, mask);
+      const __m512 v = load16(a.x, DT, base + k, mask);
       __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
       _mm_mask_storeu_epi8(q + k, mask, _mm_xor_si128(_mm512_cvtepi32_epi8(r), off));
     }
     std::memset(q + a.K, offset, a.K_pad - a.K);
+  }
+}
+
+}  // namespace
+
+void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
+  switch (a.dtype) {
+    case Dtype::BF16: quantize_rows<Dtype::BF16>(a, m0, m1); break;
+    case Dtype::F16: quantize_rows<Dtype::F16>(a, m0, m1); break;
+    default: quantize_rows<Dtype::F32>(a, m0, m1);
   }
 }
 
