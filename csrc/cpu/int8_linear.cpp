@@ -63,14 +63,16 @@ cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& 
           q.data_ptr<int8_t>(), q.size(1), scale.data_ptr<float>(), offset128};
 }
 
+void quantize_chunk(const cpu::QuantizeArgs& qa, int64_t m0, int64_t m1, Isa isa) {
+  if (isa >= Isa::Avx512Vnni)
+    cpu::quantize_rows_avx512(qa, m0, m1);
+  else
+    cpu::quantize_rows_scalar(qa, m0, m1);
+}
+
 void quantize_rows(const cpu::QuantizeArgs& qa, int64_t M, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(qa.K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t b, int64_t e) {
-    if (isa >= Isa::Avx512Vnni)
-      cpu::quantize_rows_avx512(qa, b, e);
-    else
-      cpu::quantize_rows_scalar(qa, b, e);
-  });
+  at::parallel_for(0, M, grain, [&](int64_t b, int64_t e) { quantize_chunk(qa, b, e, isa); });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
@@ -129,7 +131,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   at::Tensor q = at::empty({M_pad, K_pad}, x.options().dtype(at::kChar));
   at::Tensor a_scale = at::empty({M_pad}, x.options().dtype(at::kFloat));
   if (M_pad > M) q.narrow(0, M, M_pad - M).zero_();
-  quantize_rows(quantize_args(x, K_pad, q, a_scale, isa == Isa::Avx512Vnni), M, isa);
+  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, isa == Isa::Avx512Vnni);
 
   const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale.data_ptr<float>(),
                         w_packed.data_ptr<int8_t>(), w_scale.data_ptr<float>(),
@@ -138,10 +140,27 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   auto* tile = isa == Isa::Amx ? cpu::gemm_tile_amx
              : isa == Isa::Avx512Vnni ? cpu::gemm_tile_avx512
              : isa == Isa::Avx2 ? cpu::gemm_tile_avx2 : cpu::gemm_tile_scalar;
-  // Tasks: 64 output channels x up to 192 rows (a multiple of every kernel's row step), so each
-  // thread keeps its weight panel in L2 while it runs through the rows.
-  constexpr int64_t kChannelBlocks = 4, kRows = 192;
   const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
+
+  if (M * x.element_size() >= N) {
+    // Activations outweigh the weight (many tokens, small layers: BERT-style encoders). Each task
+    // takes 96 rows (a multiple of every kernel's row step) and all channels: it quantizes its rows
+    // and multiplies them while they are still in L1/L2, and the small weight stays in cache.
+    constexpr int64_t kRows = 96;
+    at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t m0 = t * kRows, m1 = std::min(M, m0 + kRows);
+        quantize_chunk(qa, m0, m1, isa);
+        tile(g, m0, m1, 0, NB);
+      }
+    });
+    return out;
+  }
+
+  // The weight outweighs the activations (decode, large layers): quantize all rows first, then
+  // tasks of 64 channels x up to 192 rows, so each thread streams its part of the weight once.
+  quantize_rows(qa, M, isa);
+  constexpr int64_t kChannelBlocks = 4, kRows = 192;
   const int64_t NG = (NB + kChannelBlocks - 1) / kChannelBlocks;
   const int64_t MT = (M + kRows - 1) / kRows;
   at::parallel_for(0, NG * MT, 1, [&](int64_t b, int64_t e) {

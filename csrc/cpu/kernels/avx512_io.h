@@ -25,6 +25,11 @@ inline __m512 load16(const void* p, Dtype dt, int64_t i, __mmask16 mask) {
 inline void store16(void* p, Dtype dt, int64_t i, __m512 v, __mmask16 mask) {
   switch (dt) {
     case Dtype::BF16: {
+#ifdef __AVX512BF16__
+      // One instruction (round to nearest even) where the file is built for AVX512_BF16 (AMX).
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      break;
+#endif
       // Round to nearest even; NaN becomes the quiet NaN 0x7FC0, as c10::BFloat16 does.
       const __m512i bits = _mm512_castps_si512(v);
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -46,13 +51,23 @@ inline __mmask16 tail_mask(int64_t valid) {
   return valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
 }
 
-// The fused epilogue of one 16-channel block for one row: int32 -> float, scales, bias, cast.
-inline void epilogue16(const GemmArgs& g, __m512i acc, int64_t m, int64_t n0) {
+// Per-channel epilogue operands of one 16-channel block, loaded once for all its rows.
+struct ChannelBlock {
+  __m512 scale, bias;
+  __mmask16 mask;
+  int64_t n0;
+};
+
+inline ChannelBlock channel_block(const GemmArgs& g, int64_t n0) {
   const __mmask16 mask = tail_mask(g.N - n0);
-  const __m512 bs = _mm512_maskz_loadu_ps(mask, g.b_scale + n0);
-  const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0) : _mm512_setzero_ps();
-  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(bs, _mm512_set1_ps(g.a_scale[m])), bias);
-  store16(g.out, g.out_dtype, m * g.ldo + n0, v, mask);
+  return {_mm512_maskz_loadu_ps(mask, g.b_scale + n0),
+          g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0) : _mm512_setzero_ps(), mask, n0};
+}
+
+// The fused epilogue of one row of one block: int32 -> float, both scales, bias, cast, store.
+inline void epilogue16(const GemmArgs& g, const ChannelBlock& cb, __m512i acc, int64_t m) {
+  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(cb.scale, _mm512_set1_ps(g.a_scale[m])), cb.bias);
+  store16(g.out, g.out_dtype, m * g.ldo + cb.n0, v, cb.mask);
 }
 
 }  // namespace

@@ -39,7 +39,9 @@ Isa detect() {
   const bool avx2 = bit(b, 5) && fma && f16c && os_avx;
   const bool avx512 = bit(b, 16) && bit(b, 17) && bit(b, 30) && bit(b, 31) && os_avx512;
   const bool vnni = bit(c, 11);
-  const bool amx = bit(d, 24) && bit(d, 25) && os_amx;
+  const bool amx_regs = bit(d, 24) && bit(d, 25) && os_amx;
+  // The AMX kernel file is also built for AVX512_BF16 (its bf16 stores): require it too.
+  const bool amx = amx_regs && __get_cpuid_count(7, 1, &a, &b, &c, &d) && bit(a, 5);
   if (avx512 && vnni && amx && request_amx_permission()) return Isa::Amx;
   if (avx512 && vnni) return Isa::Avx512Vnni;
   if (avx2) return Isa::Avx2;
