@@ -6,8 +6,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 BUILD_DEPS := scikit-build-core pybind11 ninja cmake numpy
+# The CUDA variant (make cuda-check): a second venv with the CUDA build of torch; needs nvcc
+# (CUDACXX, CUDA_PATH, PATH or /usr/local/cuda-13.0), not a GPU.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+CUDA_BIN := $(CUDA_VENV)/bin
 
-.PHONY: venv install test demo bench cuda-check clean
+.PHONY: venv install test demo bench cuda-venv cuda-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,5 +35,18 @@ demo: venv
 bench: install
 	$(BIN)/python bench/int8_linear.py
 
+$(CUDA_BIN)/python:
+	$(PY) -m venv $(CUDA_VENV)
+	$(CUDA_BIN)/pip install -q --upgrade pip
+	$(CUDA_BIN)/pip install -q "$(CUDA_TORCH)" $(BUILD_DEPS)
+
+cuda-venv: $(CUDA_BIN)/python
+
+# Builds torchslim with the CUDA kernels (TORCHSLIM_CUDA=ON: no silent CPU-only build), then imports
+# it from outside the source tree and runs .ci/cuda_smoke.py (CPU ops here; CUDA ops too on a GPU).
+cuda-check: cuda-venv
+	$(CUDA_BIN)/pip install -q --no-build-isolation -C cmake.define.TORCHSLIM_CUDA=ON .
+	cd .ci && ../$(CUDA_BIN)/python cuda_smoke.py
+
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(CUDA_VENV)

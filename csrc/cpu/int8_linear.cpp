@@ -14,6 +14,8 @@ namespace {
 using cpu::Dtype;
 using cpu::Isa;
 
+constexpr int64_t kMaxK = 65536;
+
 Dtype float_dtype(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return Dtype::F32;
@@ -118,6 +120,8 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   const int64_t M = x.size(0), K = x.size(1), N = w_scale.dim() == 1 ? w_scale.size(0) : -1;
   const at::Tensor bias_f32 = check_scale_and_bias(w_scale, bias, N, op);
   check_packed(w_packed, N, K, op);
+  // The AVX-512 VNNI path sums (q + 128) * w <= 255 * 128 per k in int32.
+  TORCH_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 

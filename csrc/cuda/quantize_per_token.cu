@@ -5,7 +5,8 @@
 // Bit-exact with reference.quantize_per_token and the CPU kernel (quantize_rows_scalar):
 //   scale = absmax / 127 (IEEE division), inv = 127 / absmax,
 //   q = round_half_even(x * inv) (one IEEE multiply, never contracted into an FMA), clamped;
-//   a row of zeros -> scale 0, q 0; a row holding NaN or +-Inf -> scale NaN, q 0.
+//   a row of zeros, or with absmax below 127 / FLT_MAX (127 / absmax overflows) -> scale 0, q 0;
+//   a row holding NaN or +-Inf -> scale NaN, q 0.
 //
 // One group of TPR threads per row (a warp for short rows, 4 or 8 warps for long ones), 256 threads
 // per block. Pass 1 reduces |x| with warp shuffles (then shared memory across the row's warps);
@@ -81,8 +82,7 @@ __device__ __forceinline__ float abs_or_inf(float v) {
 }
 
 __device__ __forceinline__ int8_t quantize_one(float v, float inv) {
-  // __fmul_rn is never fused with anything; __float2int_rn rounds half to even and maps NaN
-  // (0 * Inf, only for absmax < 127 / FLT_MAX) to 0.
+  // __fmul_rn is never fused with anything; __float2int_rn rounds half to even.
   int r = __float2int_rn(__fmul_rn(v, inv));
   r = r < -127 ? -127 : (r > 127 ? 127 : r);
   return static_cast<int8_t>(r);
@@ -125,7 +125,8 @@ quantize_per_token_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float
   if (!active) return;
 
   const bool nonfinite = amax > FLT_MAX;
-  const bool zero = amax == 0.f;
+  const float inv = __fdiv_rn(127.f, amax);
+  const bool zero = isinf(inv);  // absmax 0, or below 127 / FLT_MAX: counts as a row of zeros
   if (t == 0) scale[row] = nonfinite ? __int_as_float(0x7fffffff) : (zero ? 0.f : __fdiv_rn(amax, 127.f));
   int8_t* qr = q + row * K;
   if (nonfinite || zero) {
@@ -133,7 +134,6 @@ quantize_per_token_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float
     for (int64_t i = t; i < nvec; i += TPR) store_vec<VEC>(qr + i * VEC, zeros);
     return;
   }
-  const float inv = __fdiv_rn(127.f, amax);
   for (int64_t i = t; i < nvec; i += TPR) {
     float v[VEC];
     load_vec<T, VEC>(xr + i * VEC, v);

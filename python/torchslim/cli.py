@@ -9,7 +9,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchslim", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="version, torch, and which kernel runs each op on each device")
-    args = parser.parse_args(argv)
+    sub.add_parser("demo", add_help=False,
+                   help="INT8 on the real model all-MiniLM-L6-v2: quality, latency, save/reload "
+                        "(needs pip install 'torchslim[demo]'; `torchslim demo --help` for options)")
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "demo":
+        from . import demo
+
+        return demo.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "info":
         from . import info
         from ._info import format_info

@@ -19,7 +19,8 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
 
     x: (M, K) float32|bfloat16|float16, contiguous.
     Returns q: (M, K) int8 in [-127, 127] and scale: (M,) float32 with
-    scale = absmax / 127 and q = round_half_even(x * (127 / absmax)). A row of zeros gets scale 0;
+    scale = absmax / 127 and q = round_half_even(x * (127 / absmax)). A row of zeros gets scale 0
+    (so does a row whose absmax is below 127 / FLT_MAX ~ 3.7e-37, where 127 / absmax overflows);
     a row holding NaN or Inf gets scale NaN and q = 0.
     """
     return torch.ops.torchslim.quantize_per_token.default(x)

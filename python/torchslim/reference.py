@@ -14,12 +14,12 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.float()
     absmax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
     finite = torch.isfinite(xf).all(dim=1)
-    zero = absmax == 0
     # Quotients in float64 then rounded once to float32 equal the correctly rounded float32
     # quotients the kernels compute (53 >= 2 * 24 + 2 bits, so the double rounding is harmless).
     a64 = absmax.double()
     scale = (a64 / 127).float()
     inv = (127 / a64).float()
+    zero = torch.isinf(inv)  # absmax 0, or below 127 / FLT_MAX: the row counts as zeros
     q = torch.round(xf * inv[:, None]).clamp(-127, 127)
     ok = (finite & ~zero)[:, None]
     q = torch.where(ok, q, torch.zeros_like(q)).to(torch.int8)

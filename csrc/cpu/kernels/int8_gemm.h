@@ -25,7 +25,8 @@ void unpack_weight(const int8_t* packed, int64_t N, int64_t K, int8_t* w);
 
 // Per-token symmetric quantization of rows [m0, m1) of x (ldx elements apart, dtype in):
 // scale = absmax / 127, q = round_half_even(x * (127 / absmax)) in [-127, 127]; q is written with
-// K_pad - K zero columns after it. A row of zeros gets scale 0 and q 0; a row holding NaN or Inf
+// K_pad - K zero columns after it. A row of zeros (or of magnitudes so small, below 127 / FLT_MAX
+// ~ 3.7e-37, that 127 / absmax overflows) gets scale 0 and q 0; a row holding NaN or Inf
 // gets scale NaN (so its output row is NaN, as a float GEMM would give). offset128 stores
 // q + 128 as uint8 (== q ^ 0x80), the unsigned operand of vpdpbusd.
 struct QuantizeArgs {

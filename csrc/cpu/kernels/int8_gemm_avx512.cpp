@@ -1,6 +1,7 @@
 // AVX-512 VNNI INT8 W8A8: vpdpbusd multiplies unsigned activations (q + 128) by signed weights and
 // adds groups of four into int32; the +128 is undone with the column sums stored in the packed
 // weight. Register tile: MR rows x NBLK blocks of 16 channels (6 x 4 = 24 zmm accumulators).
+#include <cmath>
 #include <cstring>
 
 #include "avx512_io.h"
@@ -103,13 +104,14 @@ void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
     const float nonfinite = _mm512_reduce_add_ps(vnonfinite);
     int8_t* q = a.q + m * a.ldq;
     const int offset = a.offset128 ? 0x80 : 0;
-    if (nonfinite != 0.f || absmax == 0.f) {
+    const float inv_s = 127.f / absmax;
+    if (nonfinite != 0.f || std::isinf(inv_s)) {
       a.scale[m] = nonfinite == 0.f ? 0.f : __builtin_nanf("");  // NaN rows first: max drops NaN
       std::memset(q, offset, a.K_pad);
       continue;
     }
     a.scale[m] = absmax / 127.f;
-    const __m512 inv = _mm512_set1_ps(127.f / absmax);
+    const __m512 inv = _mm512_set1_ps(inv_s);
     const __m128i off = _mm_set1_epi8(char(offset));
     for (int64_t k = 0; k < a.K; k += 16) {
       const __mmask16 mask = tail_mask(a.K - k);

@@ -46,13 +46,13 @@ void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1) {
     }
     int8_t* q = a.q + m * a.ldq;
     const int8_t offset = a.offset128 ? int8_t(-128) : int8_t(0);
-    if (nonfinite != 0.f || absmax == 0.f) {
+    const float inv = 127.f / absmax;
+    if (nonfinite != 0.f || std::isinf(inv)) {
       a.scale[m] = nonfinite == 0.f ? 0.f : NAN;  // NaN rows first: fmax drops NaN
       std::memset(q, offset, a.K_pad);
       continue;
     }
     a.scale[m] = absmax / 127.f;
-    const float inv = 127.f / absmax;
     for (int64_t k = 0; k < a.K; ++k) {
       const float r = std::nearbyint(load_as_float(a.x, a.dtype, m * a.ldx + k) * inv);
       q[k] = int8_t(int(std::fmin(std::fmax(r, -127.f), 127.f)) ^ (a.offset128 ? 0x80 : 0));
