@@ -187,7 +187,8 @@ def n_copies_for(copy_bytes: int, args, l3: int) -> int:
 
 
 def build_methods(N: int, K: int, args, l3: int):
-    """Returns (lin, dict name -> (copies, call, weight bytes per copy, activation element bytes, ceiling))."""
+    """Returns (lin, specs, build seconds per method); specs: name -> (copies, call(copy, x),
+    weight-side bytes per copy, activation element bytes, ceiling key)."""
     g = torch.Generator().manual_seed(1000 + N + 7 * K)
     lin = nn.Linear(K, N)
     with torch.no_grad():
@@ -197,40 +198,40 @@ def build_methods(N: int, K: int, args, l3: int):
     w = lin.weight.detach()
     b = lin.bias.detach()
 
-    specs = {}
-    # ours: one quantization, then deep copies (each its own packed-weight storage)
-    ours0 = torchslim.Int8Linear.from_linear(lin)
-    ours_wb = sum(nbytes_of(t) for t in (ours0.weight, ours0.weight_scale, ours0.bias))
-    n = n_copies_for(ours_wb, args, l3)
-    ours = [ours0] + [clone_module_buffers(ours0) for _ in range(n - 1)]
-    specs["ours"] = (ours, lambda m, x: m(x), ours_wb, 4, "vnni")
+    specs, build_s = {}, {}
 
-    if "fp32" in args.methods:
-        wb = nbytes_of(w) + nbytes_of(b)
+    def add(name, make, call, wb, act_elem_bytes, ceiling):
+        t0 = time.perf_counter()
         n = n_copies_for(wb, args, l3)
-        cps = [(w.clone(), b.clone()) for _ in range(n)]
-        specs["fp32"] = (cps, lambda c, x: F.linear(x, c[0], c[1]), wb, 4, "fp32")
+        specs[name] = (make(n), call, wb, act_elem_bytes, ceiling)
+        build_s[name] = time.perf_counter() - t0
+
+    # ours: one quantization, then copies with cloned buffers (each its own packed-weight storage)
+    ours0 = torchslim.Int8Linear.from_linear(lin)
+    add("ours", lambda n: [ours0] + [clone_module_buffers(ours0) for _ in range(n - 1)], lambda m, x: m(x),
+        sum(nbytes_of(t) for t in (ours0.weight, ours0.weight_scale, ours0.bias)), 4, "vnni")
+    if "fp32" in args.methods:
+        add("fp32", lambda n: [(w.clone(), b.clone()) for _ in range(n)], lambda c, x: F.linear(x, c[0], c[1]),
+            nbytes_of(w) + nbytes_of(b), 4, "fp32")
     if "bf16" in args.methods:
         wbf, bbf = w.bfloat16(), b.bfloat16()
-        wb = nbytes_of(wbf) + nbytes_of(bbf)
-        n = n_copies_for(wb, args, l3)
-        cps = [(wbf.clone(), bbf.clone()) for _ in range(n)]
-        specs["bf16"] = (cps, lambda c, x: F.linear(x, c[0], c[1]), wb, 2, "bf16")
+        add("bf16", lambda n: [(wbf.clone(), bbf.clone()) for _ in range(n)], lambda c, x: F.linear(x, c[0], c[1]),
+            nbytes_of(wbf) + nbytes_of(bbf), 2, "bf16")
     if "intmm" in args.methods:
         wq, ws = quantize_weight_per_channel(w)
-        wb = nbytes_of(wq) + nbytes_of(ws) + nbytes_of(b)
-        n = n_copies_for(wb, args, l3)
-        cps = [(wq.clone(), ws.clone(), b.clone()) for _ in range(n)]
-        specs["intmm"] = (cps, lambda c, x: hand_rolled_int8(x, c[0], c[1], c[2]), wb, 4, "vnni")
+        add("intmm", lambda n: [(wq.clone(), ws.clone(), b.clone()) for _ in range(n)],
+            lambda c, x: hand_rolled_int8(x, c[0], c[1], c[2]), nbytes_of(wq) + nbytes_of(ws) + nbytes_of(b), 4, "vnni")
     if "ao" in args.methods:
         q0 = make_ao(copy.deepcopy(lin))
-        wb = N * K + 4 * N  # int8 weight + fp32 bias (packed fbgemm weight; per-tensor scale)
-        n = n_copies_for(wb, args, l3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cps = [q0] + [copy.deepcopy(q0) for _ in range(n - 1)]
-        specs["ao"] = (cps, lambda m, x: m(x), wb, 4, "vnni")
-    return lin, specs
+
+        def make_ao_copies(n):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return [q0] + [copy.deepcopy(q0) for _ in range(n - 1)]  # repacks: new packed storage
+
+        # int8 weight + fp32 bias (fbgemm packed weight, per-tensor weight scale)
+        add("ao", make_ao_copies, lambda m, x: m(x), N * K + 4 * N, 4, "vnni")
+    return lin, specs, build_s
 
 
 def check_distinct_storage(specs) -> None:
@@ -426,10 +427,11 @@ def main(argv=None) -> int:
     rows = []
     for (N, K) in shapes:
         t_build = time.perf_counter()
-        lin, specs = build_methods(N, K, args, l3)
+        lin, specs, build_s = build_methods(N, K, args, l3)
         check_distinct_storage(specs)
         t_build = time.perf_counter() - t_build
-        copies_desc = ", ".join(f"{k} {len(v[0])}x{v[2] / (1 << 20):.1f}MiB" for k, v in specs.items())
+        copies_desc = ", ".join(f"{k} {len(v[0])}x{v[2] / (1 << 20):.1f}MiB ({build_s[k]:.1f}s)"
+                                for k, v in specs.items())
         print(f"[{N}x{K}] built in {t_build:.1f}s; copies: {copies_desc}", flush=True)
 
         for M in ms:
@@ -472,7 +474,7 @@ def main(argv=None) -> int:
             set_isa(isas[0])
 
             t_ours = res["ours"]["median_s"]
-            row = {"N": N, "K": K, "M": M, "ops": ops, "max_rel_err": errs, "methods": {}}
+            row = {"N": N, "K": K, "M": M, "ops": ops, "max_rel_err": errs, "loadavg": loadavg(), "methods": {}}
             for m in methods:
                 r = res[m.name]
                 t = r["median_s"]

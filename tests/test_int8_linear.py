@@ -171,3 +171,14 @@ def test_bad_packed_weight_raises():
         ops.int8_linear_packed(torch.randn(4, 200), packed, torch.ones(8))  # K=200 needs wider rows
     with pytest.raises(RuntimeError, match="packed"):
         ops.int8_unpack_weight(packed[:, :-1].contiguous(), 8, 32)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_is_loaded():
+    # The kernels parallelize with at::parallel_for compiled with -fopenmp and linked to torch's
+    # libgomp; a second OpenMP runtime would fight torch's over the cores.
+    x, w_q, w_scale, bias = make_case(64, 64, 64, torch.float32, False, 5)
+    ops.int8_linear(x, w_q, w_scale, bias)
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes

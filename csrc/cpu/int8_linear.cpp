@@ -146,10 +146,12 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
              : isa == Isa::Avx2 ? cpu::gemm_tile_avx2 : cpu::gemm_tile_scalar;
   const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
 
-  if (M * x.element_size() >= N) {
-    // Activations outweigh the weight (many tokens, small layers: BERT-style encoders). Each task
-    // takes 96 rows (a multiple of every kernel's row step) and all channels: it quantizes its rows
-    // and multiplies them while they are still in L1/L2, and the small weight stays in cache.
+  constexpr int64_t kCachedWeightBytes = 4 << 20;
+  if (M * x.element_size() >= N && w_packed.numel() <= kCachedWeightBytes) {
+    // Activations outweigh a weight that stays in cache (many tokens through small layers:
+    // BERT-style encoders). Each task takes 96 rows (a multiple of every kernel's row step) and
+    // all channels: it quantizes its rows and multiplies them while they are still in L1/L2, and
+    // every task re-reads the weight from cache. (A large weight would be re-read from DRAM.)
     constexpr int64_t kRows = 96;
     at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {

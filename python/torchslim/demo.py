@@ -263,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ... and {len(layers) - 6} more (--verbose lists them)")
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     ao = _torch_ao_int8(fp32)
-    variants = {"fp32": fp32, "bf16": bf16, "torchslim int8": int8}
+    # A bf16 model patched the same way: its Int8Linear layers take and return bf16 activations,
+    # the fair comparison against bf16 dense (half the activation bytes of fp32).
+    int8_bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    patch_model(int8_bf16, "int8")
+    variants = {"fp32": fp32, "bf16": bf16, "torchslim int8": int8, "bf16 + tslim int8": int8_bf16}
     if ao is not None:
         variants["torch.ao int8"] = ao
     else:
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({report.bytes_before / report.bytes_after:.2f}x smaller); whole state_dict "
           f"{_mib(_state_dict_bytes(fp32))} -> {_mib(_state_dict_bytes(int8))} MiB "
           f"(the embedding tables stay fp32)")
-    for name in ("bf16", "torch.ao int8"):
+    for name in ("bf16", "bf16 + tslim int8", "torch.ao int8"):
         if name in quality:
             qq = quality[name]
             print(f"  for comparison, {name}: mean cosine {qq['mean_cos']:.5f}, min {qq['min_cos']:.5f}, "
@@ -318,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     # 5. summary
     ao_bytes = _torch_ao_weight_bytes(ao) if ao is not None else None
     bytes_of = {"fp32": report.bytes_before, "bf16": report.bytes_before // 2,
-                "torchslim int8": report.bytes_after, "torch.ao int8": ao_bytes}
+                "torchslim int8": report.bytes_after, "bf16 + tslim int8": report.bytes_after,
+                "torch.ao int8": ao_bytes}
     ours = {s: latency[s]["torchslim int8"] for s in latency}
-    header = (f"{'':<15} {'Linear MiB':>10} {'mean cos':>9} {'min cos':>9} {'NN same':>8}"
+    header = (f"{'':<17} {'Linear MiB':>10} {'mean cos':>9} {'min cos':>9} {'NN same':>8}"
               + "".join(f" | {s + ' ms':>17} {'ours x':>7}" for s in latency))
     print("\n[5] summary: quality against fp32; latency, and torchslim int8's speed-up over each "
           "(ours x)")
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         qq = quality.get(name, {"mean_cos": 1.0, "min_cos": 1.0, "nn_agree": 1.0})
         cells = "".join(f" | {_ms(latency[s][name]):>17} {latency[s][name] / ours[s]:>6.2f}x"
                         for s in latency)
-        print(f"{name:<15} {_mib(bytes_of.get(name)):>10} {qq['mean_cos']:>9.5f} {qq['min_cos']:>9.5f} "
+        print(f"{name:<17} {_mib(bytes_of.get(name)):>10} {qq['mean_cos']:>9.5f} {qq['min_cos']:>9.5f} "
               f"{qq['nn_agree'] * 100:>7.1f}%{cells}")
 
     ok = True
