@@ -14,8 +14,8 @@ measure weight streaming from memory rather than the cache.
 
 Ratios are speedups, t(baseline) / t(ours): > 1 means Int8Linear is faster.
 
-    python bench/int8_linear.py            # full run (~5 min on 2 cores)
-    python bench/int8_linear.py --quick    # ~1 min subset
+    python bench/int8_linear.py            # full run (~2.5 min on 2 idle cores)
+    python bench/int8_linear.py --quick    # ~45 s subset
     python bench/int8_linear.py --isa amx,avx512_vnni   # first ISA is "ours", the others extra columns
 """
 from __future__ import annotations
@@ -106,6 +106,36 @@ def loadavg() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+class CpuLoadMeter:
+    """CPU time used by *other* processes (and stolen by the hypervisor) while a case ran, as a
+    fraction of all CPUs' wall time: from /proc/stat minus this process's own os.times()."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ncpu = os.cpu_count() or 1
+        self.start = self._snap()
+
+    def _snap(self):
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(v[i] for i in (0, 1, 2, 5, 6) if i < len(v)) / self.hz  # user nice system irq softirq
+        steal = (v[7] / self.hz) if len(v) > 7 else 0.0
+        t = os.times()
+        return time.perf_counter(), busy, steal, t.user + t.system
+
+    def read(self) -> dict | None:
+        end = self._snap()
+        if self.start is None or end is None:
+            return None
+        wall = max(end[0] - self.start[0], 1e-9) * self.ncpu
+        other = (end[1] - self.start[1]) - (end[3] - self.start[3])
+        return {"other_cpu_frac": round(max(other, 0.0) / wall, 3),
+                "steal_frac": round((end[2] - self.start[2]) / wall, 3)}
 
 
 def measure_read_bw(nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -326,7 +356,7 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="~1 minute subset (2 shapes, M in {1, 128}, fewer repeats)")
+    p.add_argument("--quick", action="store_true", help="~45 s subset (2 shapes, M in {1, 128}, fewer repeats)")
     p.add_argument("--shapes", type=str, default=None, help="comma list of NxK (out x in), e.g. 4096x4096,384x1536")
     p.add_argument("--ms", type=str, default=None, help="comma list of token counts M")
     p.add_argument("--methods", type=str, default=",".join(BASELINES), help=f"baselines to run, subset of {BASELINES}")
@@ -407,10 +437,15 @@ def main(argv=None) -> int:
     print(f"L3 {l3 / (1 << 20):.0f} MiB ({l3_src}); every method rotates weight copies totalling "
           f">= {args.rotate_factor:g} x L3 = {args.rotate_factor * l3 / (1 << 20):.0f} MiB "
           f"(cap {args.max_method_mb:g} MiB, {args.max_copies} copies)")
-    print(f"load average before: {load_before}")
-    if load_before and load_before[0] > 0.5 * (os.cpu_count() or 1) - 0.5:
-        print(f"  WARNING: the machine is busy (1-min load {load_before[0]} on {os.cpu_count()} CPUs); "
-              f"{args.threads}-thread timings, small calls above all, will be disturbed")
+    probe = CpuLoadMeter()
+    time.sleep(1.0)
+    busy_now = probe.read()
+    machine["other_cpu_frac_at_start"] = busy_now["other_cpu_frac"] if busy_now else None
+    print(f"load average before: {load_before}; other processes' CPU share over 1 s now: "
+          + (f"{100 * busy_now['other_cpu_frac']:.0f}%" if busy_now else "?"))
+    if busy_now and busy_now["other_cpu_frac"] > 0.05:
+        print(f"  WARNING: other processes are using the CPUs; {args.threads}-thread timings will be disturbed "
+              f"(see the 'busy' column)")
     if not args.no_bw_probe:
         bw = measure_read_bw()
         machine["measured_read_gbs"] = round(bw, 1)
@@ -422,6 +457,9 @@ def main(argv=None) -> int:
     if "amx_int8" in machine["cpu_flags"]:
         print("  NOTE: this CPU also has AMX; its int8 / bf16 peaks are far above the VNNI / AVX512_BF16 "
               "ceilings, so fractions > 100% are possible and the fractions are not 'headroom left'.")
+    if "AMD" not in machine["cpu_model"]:
+        print("  NOTE: the default ceilings come from a Zen4; on this CPU (2 FMA / VNNI ports per core) the "
+              "fp32 and VNNI peaks are higher too; pass --fp32-gflops / --vnni-gops / --mem-gbs to rebase.")
     print("Ratios are speedups t(baseline) / t(ours): > 1 means Int8Linear is faster.\n", flush=True)
 
     rows = []
@@ -469,12 +507,15 @@ def main(argv=None) -> int:
                 raise SystemExit(f"[{N}x{K} M={M}] ours is wrong vs fp32 ({', '.join(bad)} > tol {args.tol}); "
                                  f"refusing to time a broken kernel")
 
+            meter = CpuLoadMeter()
             with torch.no_grad():
                 res = bench_case(methods, repeats, target_s, args.max_iters)
+            interference = meter.read()
             set_isa(isas[0])
 
             t_ours = res["ours"]["median_s"]
-            row = {"N": N, "K": K, "M": M, "ops": ops, "max_rel_err": errs, "loadavg": loadavg(), "methods": {}}
+            row = {"N": N, "K": K, "M": M, "ops": ops, "max_rel_err": errs, "loadavg": loadavg(),
+                   "interference": interference, "methods": {}}
             for m in methods:
                 r = res[m.name]
                 t = r["median_s"]
@@ -499,7 +540,9 @@ def main(argv=None) -> int:
                   f"VNNI, {o['gbs']:.1f} GB/s = {100 * o['frac_mem_ceiling']:.0f}% mem) | "
                   + " ".join(f"{k} {fmt_t(v['median_s'])}us (x{v['speedup_of_ours']:.2f})"
                              for k, v in row["methods"].items() if k != "ours")
-                  + " | rel err " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+                  + " | rel err " + " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+                  + (f" | other procs {100 * interference['other_cpu_frac']:.0f}% CPU, steal "
+                     f"{100 * interference['steal_frac']:.0f}%" if interference else ""), flush=True)
         del lin, specs, methods
         gc.collect()
 
@@ -512,7 +555,7 @@ def main(argv=None) -> int:
     extras = [f"ours[{i}]" for i in isas[1:]]
     headers = (["N x K", "M", "ours us", "GOP/s", "%VNNI", "GB/s", "%mem"]
                + [f"{b} us" for b in base] + [f"{e} us" for e in extras]
-               + [f"vs {b}" for b in base] + [f"vs {e}" for e in extras] + ["rel err"])
+               + [f"vs {b}" for b in base] + [f"vs {e}" for e in extras] + ["rel err", "busy"])
     trows = []
     for row in rows:
         mm = row["methods"]
@@ -522,11 +565,14 @@ def main(argv=None) -> int:
                       f"{100 * o['frac_mem_ceiling']:.0f}%"]
                      + [fmt_t(mm[b]["median_s"]) for b in base + extras]
                      + [f"{mm[b]['speedup_of_ours']:.2f}x" for b in base + extras]
-                     + [f"{row['max_rel_err']['ours']:.1e}"])
+                     + [f"{row['max_rel_err']['ours']:.1e}",
+                        "?" if not row["interference"] else f"{100 * row['interference']['other_cpu_frac']:.0f}%"])
     print("\n## torchslim Int8Linear (CPU) vs alternatives; times = median per call; "
           "'vs X' = t(X) / t(ours), > 1 means ours is faster")
     print(f"%VNNI = GOP/s / {ceiling_desc['vnni']}; %mem = (weight + activation in/out bytes) / time / "
-          f"{args.mem_gbs:g} GB/s; rel err = max|y - y_fp32| / max|y_fp32|\n")
+          f"{args.mem_gbs:g} GB/s; rel err = max|y - y_fp32| / max|y_fp32|;\nbusy = CPU share taken by other "
+          f"processes while the row was timed (rows with busy >~ 5% are disturbed: a descheduled thread stalls "
+          f"every parallel region)\n")
     print(md_table(headers, trows))
 
     headers2 = ["N x K", "M"] + [f"{n} GOP/s (%ceil)" for n in ["ours"] + extras + base]
