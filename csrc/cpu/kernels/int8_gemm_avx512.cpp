@@ -12,7 +12,6 @@ namespace {
 
 constexpr int kMR = 6;
 constexpr int kNBLK = 4;
-constexpr int64_t kPrefetchBytes = 2048;
 
 template <int MR, int NBLK>
 void micro(const GemmArgs& g, int64_t m, int64_t nb) {
@@ -31,12 +30,7 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
   for (int64_t k4 = 0; k4 < g.K_pad / 4; ++k4) {
     __m512i bv[NBLK];
 #pragma GCC unroll 4
-    for (int j = 0; j < NBLK; ++j) {
-      // With few rows the weight is streamed from DRAM once: ask for it early (the hardware
-      // prefetcher alone leaves the two cores' bandwidth ~40% short at M = 1).
-      if constexpr (MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(bp[j] + k4 * 64 + kPrefetchBytes), _MM_HINT_T0);
-      bv[j] = _mm512_loadu_si512(bp[j] + k4 * 64);
-    }
+    for (int j = 0; j < NBLK; ++j) bv[j] = _mm512_loadu_si512(bp[j] + k4 * 64);
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
       int32_t a4;
