@@ -57,3 +57,22 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: t
         f"{int((excess > 0).sum())} of {out.numel()} elements beyond the rounding bound; worst at flat "
         f"index {worst}: out={float(out.flatten()[worst])}, ref={float(ref.flatten()[worst])}, "
         f"bound={float(bound.flatten()[worst])}")
+
+
+def int8_linear_bad_inputs():
+    """(name, args, message regex): bad arguments of int8_linear; every device's op rejects them alike."""
+    x = torch.randn(4, 32)
+    w_q = torch.zeros(8, 32, dtype=torch.int8)
+    s = torch.ones(8)
+    yield "K", (torch.randn(4, 31), w_q, s, None), "K"
+    yield "float weight", (x, torch.zeros(8, 32), s, None), "int8"
+    yield "int x", (torch.ones(4, 32, dtype=torch.int32), w_q, s, None), "float32, bfloat16 or float16"
+    yield "3-D x", (torch.randn(2, 4, 32), w_q, s, None), "2-D"
+    yield "non-contiguous x", (torch.randn(32, 4).T, w_q, s, None), "contiguous"
+    yield "non-contiguous w", (x, torch.zeros(32, 8, dtype=torch.int8).T, s, None), "contiguous"
+    yield "scale shape", (x, w_q, torch.ones(7), None), "w_scale"
+    yield "scale dtype", (x, w_q, torch.ones(8, dtype=torch.float64), None), "float32"
+    yield "NaN scale", (x, w_q, torch.tensor([1.0] * 7 + [float("nan")]), None), r"w_scale\[7\] is nan.*finite"
+    yield "Inf scale", (x, w_q, torch.tensor([float("inf")] + [1.0] * 7), None), "finite"
+    yield "bias shape", (x, w_q, s, torch.ones(9)), "bias"
+    yield "int bias", (x, w_q, s, torch.ones(8, dtype=torch.int64)), "bias"

@@ -2,7 +2,7 @@
 against the float64 reference in torchslim.reference."""
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, assert_close_to_reference
+from conftest import FLOAT_DTYPES, assert_close_to_reference, int8_linear_bad_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -138,25 +138,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.torchslim.int8_linear_packed.default, (x, packed, w_scale, bias))
 
 
-def bad_inputs():
-    x = torch.randn(4, 32)
-    w_q = torch.zeros(8, 32, dtype=torch.int8)
-    s = torch.ones(8)
-    yield "K", (torch.randn(4, 31), w_q, s, None), "K"
-    yield "float weight", (x, torch.zeros(8, 32), s, None), "int8"
-    yield "int x", (torch.ones(4, 32, dtype=torch.int32), w_q, s, None), "float32, bfloat16 or float16"
-    yield "3-D x", (torch.randn(2, 4, 32), w_q, s, None), "2-D"
-    yield "non-contiguous x", (torch.randn(32, 4).T, w_q, s, None), "contiguous"
-    yield "non-contiguous w", (x, torch.zeros(32, 8, dtype=torch.int8).T, s, None), "contiguous"
-    yield "scale shape", (x, w_q, torch.ones(7), None), "w_scale"
-    yield "scale dtype", (x, w_q, torch.ones(8, dtype=torch.float64), None), "float32"
-    yield "NaN scale", (x, w_q, torch.tensor([1.0] * 7 + [float("nan")]), None), "finite"
-    yield "Inf scale", (x, w_q, torch.tensor([float("inf")] + [1.0] * 7), None), "finite"
-    yield "bias shape", (x, w_q, s, torch.ones(9)), "bias"
-    yield "int bias", (x, w_q, s, torch.ones(8, dtype=torch.int64)), "bias"
-
-
-@pytest.mark.parametrize("name,args,message", list(bad_inputs()), ids=[b[0] for b in bad_inputs()])
+@pytest.mark.parametrize("name,args,message", list(int8_linear_bad_inputs()), ids=[b[0] for b in int8_linear_bad_inputs()])
 def test_bad_input_raises_clearly(name, args, message):
     with pytest.raises(RuntimeError, match=message):
         ops.int8_linear(*args)

@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from conftest import FLOAT_DTYPES, assert_close_to_reference  # noqa: E402
+from conftest import FLOAT_DTYPES, assert_close_to_reference, int8_linear_bad_inputs  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -232,26 +232,8 @@ def test_cuda_kernel_is_registered_where_triton_is_installed():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("torchslim::int8_linear", "CUDA")
 
 
-def bad_op_inputs():
-    # The cases of test_int8_linear.py's CPU checks: the CUDA op says the same things.
-    x = torch.randn(4, 32)
-    w_q = torch.zeros(8, 32, dtype=torch.int8)
-    s = torch.ones(8)
-    yield "K", (torch.randn(4, 31), w_q, s, None), "K"
-    yield "float weight", (x, torch.zeros(8, 32), s, None), "int8"
-    yield "int x", (torch.ones(4, 32, dtype=torch.int32), w_q, s, None), "float32, bfloat16 or float16"
-    yield "3-D x", (torch.randn(2, 4, 32), w_q, s, None), "2-D"
-    yield "non-contiguous x", (torch.randn(32, 4).T, w_q, s, None), "contiguous"
-    yield "non-contiguous w", (x, torch.zeros(32, 8, dtype=torch.int8).T, s, None), "contiguous"
-    yield "scale shape", (x, w_q, torch.ones(7), None), "w_scale"
-    yield "scale dtype", (x, w_q, torch.ones(8, dtype=torch.float64), None), "float32"
-    yield "NaN scale", (x, w_q, torch.tensor([1.0] * 7 + [float("nan")]), None), r"w_scale\[7\] is nan.*finite"
-    yield "Inf scale", (x, w_q, torch.tensor([float("inf")] + [1.0] * 7), None), "finite"
-    yield "bias shape", (x, w_q, s, torch.ones(9)), "bias"
-    yield "int bias", (x, w_q, s, torch.ones(8, dtype=torch.int64)), "bias"
-
-
-@pytest.mark.parametrize("name,args,message", list(bad_op_inputs()), ids=[b[0] for b in bad_op_inputs()])
+# The cases of the CPU op's checks: the CUDA op says the same things.
+@pytest.mark.parametrize("name,args,message", list(int8_linear_bad_inputs()), ids=[b[0] for b in int8_linear_bad_inputs()])
 def test_cuda_op_argument_checks(name, args, message):
     with pytest.raises(RuntimeError, match=message):
         _cuda_registration._check_int8_linear_args(*args)
