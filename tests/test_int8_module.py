@@ -170,3 +170,46 @@ def test_patched_model_state_dict_reloads_into_patched_model():
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, 64)
     assert torch.equal(a(x), b(x))
+
+
+def test_device_move_keeps_the_canonical_layout_off_cpu():
+    # Off the CPU the module holds the plain (N, K) weight (what the CUDA kernel reads); the CPU
+    # packing is redone when it comes back. "meta" stands in for a GPU here.
+    mod = Int8Linear.from_linear(linear())
+    canonical = mod.canonical_weight().clone()
+    moved = copy.deepcopy(mod).to("meta")
+    assert moved.weight.shape == (80, 96) and moved.weight.device.type == "meta"
+    assert moved.state_dict()["weight"].shape == (80, 96)
+    back = copy.deepcopy(mod).to("cpu")
+    assert torch.equal(back.canonical_weight(), canonical)
+
+
+def test_patched_model_dtype_conversion_and_compile():
+    torch.manual_seed(2)
+    model = TinyBlock()
+    patch_model(model, "int8")
+    scale = model.mlp[0].weight_scale.clone()
+    model = model.to(torch.bfloat16)  # the bias follows; int8 weights and float32 scales stay
+    assert model.mlp[0].weight.dtype == torch.int8 and model.mlp[0].bias.dtype == torch.bfloat16
+    assert torch.equal(model.mlp[0].weight_scale, scale)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    eager = model(x)
+    assert eager.dtype == torch.bfloat16
+    # One graph for the whole patched model; aot_eager keeps the other ops' bf16 rounding as in
+    # eager (inductor would fuse GELU/LayerNorm in float32), so the result must be identical.
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager)
+
+
+def test_safetensors_round_trip(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(3)
+    a = TinyBlock()
+    patch_model(a, "int8")
+    path = tmp_path / "slim.safetensors"
+    safetensors.save_file(a.state_dict(), str(path))
+    b = TinyBlock()
+    patch_model(b, "int8")
+    b.load_state_dict(safetensors.load_file(str(path)))
+    x = torch.randn(4, 64)
+    assert torch.equal(a(x), b(x))

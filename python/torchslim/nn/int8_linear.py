@@ -91,8 +91,16 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .cpu(): move the canonical weight, then lay it out for the new device.
+        # A dtype cast (.half(), .to(torch.bfloat16)) converts the bias with the model but not the
+        # float32 scales: they follow the device only, with their exact values.
+        scales = {name: getattr(self, name) for name in ("weight_scale", "smooth_scale")
+                  if getattr(self, name) is not None}
         self.weight = self.canonical_weight()
         super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(after.device))
         self.weight = self._device_layout(self.weight)
         return self
 
