@@ -56,6 +56,16 @@ def test_int8_linear_matches_reference(cpu_isa, M, N, K, dtype, with_bias, seed)
     assert_close_to_reference(out, ref, epilogue_magnitude(x, w_q, w_scale, bias))
 
 
+@pytest.mark.parametrize("M,N,K", [(300, 600, 700), (1, 1000, 130), (200, 40, 2000), (97, 257, 513)])
+def test_larger_shapes_cross_every_loop(cpu_isa, M, N, K):
+    # Beyond the property test's sizes: several row tasks, more than 16 channel blocks (the AMX
+    # pair groups), several 512-wide k chunks, and both schedules (rows-outer when M >= N / 4).
+    x, w_q, w_scale, bias = make_case(M, N, K, torch.bfloat16, True, M + N + K)
+    out = ops.int8_linear(x, w_q, w_scale, bias)
+    assert_close_to_reference(out, reference.int8_linear(x, w_q, w_scale, bias),
+                              epilogue_magnitude(x, w_q, w_scale, bias))
+
+
 @pytest.mark.parametrize("K", [1, 63, 64, 300, 1030])
 def test_int32_accumulator_is_exact(cpu_isa, K):
     # Integer activations whose rows reach +-127 quantize to themselves with scale 1, and with
