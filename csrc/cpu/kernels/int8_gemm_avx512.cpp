@@ -6,6 +6,7 @@
 
 #include "avx512_io.h"
 #include "int8_gemm.h"
+#include "scalar_convert.h"
 
 namespace torchslim::cpu {
 namespace {
@@ -113,49 +114,95 @@ void gemm_tile_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, in
 namespace {
 
 // One row per iteration; the dtype is a template parameter so the inner loops carry no switch.
+// Largest |x| of a row as the bit pattern of a non-negative float of x's dtype, compared as
+// unsigned integers: for non-negative IEEE values the integer order is the numeric order, and
+// NaN / Inf compare above every finite value. One AND and one integer max per 64 bytes.
 template <Dtype DT>
+uint32_t absmax_bits(const void* row, int64_t K) {
+  if constexpr (DT == Dtype::F32) {
+    const uint32_t* p = static_cast<const uint32_t*>(row);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+    __m512i vmax = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16)
+      vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail_mask(K - k), p + k), abs_mask));
+    return _mm512_reduce_max_epu32(vmax);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(row);
+    const __m512i abs_mask = _mm512_set1_epi16(0x7FFF);
+    __m512i vmax = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
+      vmax = _mm512_max_epu16(vmax, _mm512_and_si512(_mm512_maskz_loadu_epi16(mask, p + k), abs_mask));
+    }
+    // Horizontal max of 32 uint16: widen each half to 16 uint32.
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(vmax));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(vmax, 1));
+    return _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi));
+  }
+}
+
+// The value of a non-negative bit pattern from absmax_bits, as float (Inf or NaN for non-finite).
+template <Dtype DT>
+float bits_to_float(uint32_t bits) {
+  if constexpr (DT == Dtype::F32) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  } else if constexpr (DT == Dtype::BF16) {
+    return bf16_to_float(uint16_t(bits));
+  } else {
+    _Float16 h;
+    const uint16_t b = uint16_t(bits);
+    std::memcpy(&h, &b, 2);
+    return float(h);
+  }
+}
+
+// One row per iteration; the dtype is a template parameter so the inner loops carry no switch.
+template <Dtype DT, bool kOffset128>
 void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t base = m * a.ldx;
-    __m512 vmax = zero, vnonfinite = zero;
-    for (int64_t k = 0; k < a.K; k += 16) {
-      const __m512 v = load16(a.x, DT, base + k, tail_mask(a.K - k));
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-      vnonfinite = _mm512_add_ps(vnonfinite, _mm512_mul_ps(v, zero));  // NaN if any v is NaN/Inf
-    }
-    const float absmax = _mm512_reduce_max_ps(vmax);
-    const float nonfinite = _mm512_reduce_add_ps(vnonfinite);
+    const float absmax = bits_to_float<DT>(absmax_bits<DT>(static_cast<const char*>(a.x) + base * (DT == Dtype::F32 ? 4 : 2), a.K));
     int8_t* q = a.q + m * a.ldq;
-    const int offset = a.offset128 ? 0x80 : 0;
+    constexpr int kOffset = kOffset128 ? 0x80 : 0;
     const float inv_s = 127.f / absmax;
-    if (nonfinite != 0.f || std::isinf(inv_s)) {
-      a.scale[m] = nonfinite == 0.f ? 0.f : __builtin_nanf("");  // NaN rows first: max drops NaN
-      std::memset(q, offset, a.K_pad);
+    if (!std::isfinite(absmax) || std::isinf(inv_s)) {
+      a.scale[m] = std::isfinite(absmax) ? 0.f : __builtin_nanf("");
+      std::memset(q, kOffset, a.K_pad);
       continue;
     }
     a.scale[m] = absmax / 127.f;
     const __m512 inv = _mm512_set1_ps(inv_s);
-    const __m128i off = _mm_set1_epi8(char(offset));
     for (int64_t k = 0; k < a.K; k += 16) {
       const __mmask16 mask = tail_mask(a.K - k);
       const __m512 v = load16(a.x, DT, base + k, mask);
       // No clamp needed: |x| <= absmax and inv <= (127 / absmax)(1 + 2^-24), so |x * inv| < 127.5
       // rounds to at most 127 (the saturating vpmovsdb would catch anything else anyway).
       const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_mask_storeu_epi8(q + k, mask, _mm_xor_si128(_mm512_cvtsepi32_epi8(r), off));
+      __m128i q16 = _mm512_cvtsepi32_epi8(r);
+      if constexpr (kOffset128) q16 = _mm_xor_si128(q16, _mm_set1_epi8(char(0x80)));
+      _mm_mask_storeu_epi8(q + k, mask, q16);
     }
-    std::memset(q + a.K, offset, a.K_pad - a.K);
+    std::memset(q + a.K, kOffset, a.K_pad - a.K);
   }
+}
+
+template <Dtype DT>
+void quantize_rows_any_offset(const QuantizeArgs& a, int64_t m0, int64_t m1) {
+  if (a.offset128)
+    quantize_rows<DT, true>(a, m0, m1);
+  else
+    quantize_rows<DT, false>(a, m0, m1);
 }
 
 }  // namespace
 
 void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
   switch (a.dtype) {
-    case Dtype::BF16: quantize_rows<Dtype::BF16>(a, m0, m1); break;
-    case Dtype::F16: quantize_rows<Dtype::F16>(a, m0, m1); break;
-    default: quantize_rows<Dtype::F32>(a, m0, m1);
+    case Dtype::BF16: quantize_rows_any_offset<Dtype::BF16>(a, m0, m1); break;
+    case Dtype::F16: quantize_rows_any_offset<Dtype::F16>(a, m0, m1); break;
+    default: quantize_rows_any_offset<Dtype::F32>(a, m0, m1);
   }
 }
 
