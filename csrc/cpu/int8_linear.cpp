@@ -164,15 +164,20 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   }
 
   // The weight outweighs the activations (decode, large layers): quantize all rows first, then
-  // tasks of 64 channels x up to 192 rows, so each thread streams its part of the weight once.
+  // tasks of 64 or 128 channels x 192 rows, so each thread streams its part of the weight once.
+  // Beyond 128 rows, 128-channel tasks re-read the activations half as often (measured, 4096x4096,
+  // M = 1024: 4.2 TOP/s against 3.1 with 64 channels); up to 128 rows 64 channels measured ~10%
+  // faster. Narrower still where that would leave fewer than 4 tasks per thread.
   quantize_rows(qa, M, isa);
-  constexpr int64_t kChannelBlocks = 4, kRows = 192;
-  const int64_t NG = (NB + kChannelBlocks - 1) / kChannelBlocks;
+  constexpr int64_t kRows = 192;
   const int64_t MT = (M + kRows - 1) / kRows;
+  int64_t blocks = M <= 128 ? 4 : 8;
+  while (blocks > 2 && (NB + blocks - 1) / blocks * MT < 4 * at::get_num_threads()) blocks /= 2;
+  const int64_t NG = (NB + blocks - 1) / blocks;
   at::parallel_for(0, NG * MT, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t nb0 = (t / MT) * kChannelBlocks, m0 = (t % MT) * kRows;
-      tile(g, m0, std::min(M, m0 + kRows), nb0, std::min(NB, nb0 + kChannelBlocks));
+      const int64_t nb0 = (t / MT) * blocks, m0 = (t % MT) * kRows;
+      tile(g, m0, std::min(M, m0 + kRows), nb0, std::min(NB, nb0 + blocks));
     }
   });
   return out;
