@@ -17,6 +17,7 @@ Ratios are speedups, t(baseline) / t(ours): > 1 means Int8Linear is faster.
     python bench/int8_linear.py            # full run (~2.5 min on 2 idle cores)
     python bench/int8_linear.py --quick    # ~45 s subset
     python bench/int8_linear.py --isa amx,avx512_vnni   # first ISA is "ours", the others extra columns
+    python bench/int8_linear.py --x-dtype bfloat16 --methods bf16   # ours on bf16 activations vs bf16 dense
 """
 from __future__ import annotations
 
@@ -356,6 +357,9 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--x-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activation dtype of ours (in and out); bfloat16 is the like-for-like comparison "
+                        "with bf16 dense: run it with --methods bf16")
     p.add_argument("--quick", action="store_true", help="~45 s subset (2 shapes, M in {1, 128}, fewer repeats)")
     p.add_argument("--shapes", type=str, default=None, help="comma list of NxK (out x in), e.g. 4096x4096,384x1536")
     p.add_argument("--ms", type=str, default=None, help="comma list of token counts M")
@@ -480,9 +484,10 @@ def main(argv=None) -> int:
 
             methods = []
             for name, (cps, call, wb, abytes, ceil) in specs.items():
-                xin = x_bf if name == "bf16" else x
+                bf16_in = name == "bf16" or (name == "ours" and args.x_dtype == "bfloat16")
+                xin = x_bf if bf16_in else x
                 meth = Method(name, cps, (lambda c, _call=call, _x=xin: _call(c, _x)), wb,
-                              abytes * (M * K + M * N), ceil)
+                              (2 if bf16_in else abytes) * (M * K + M * N), ceil)
                 if name == "ours":
                     meth.isa = isas[0]
                 methods.append(meth)
@@ -593,7 +598,7 @@ def main(argv=None) -> int:
         "machine": machine,
         "config": {
             "shapes": [list(s) for s in shapes], "ms": ms, "methods": ["ours"] + extras + base,
-            "isas": isas, "repeats": repeats, "target_loop_s": target_s,
+            "isas": isas, "x_dtype": args.x_dtype, "repeats": repeats, "target_loop_s": target_s,
             "rotate_factor": args.rotate_factor, "max_method_mb": args.max_method_mb,
             "ceilings": {"vnni_gops": args.vnni_gops, "bf16_gflops": args.bf16_gflops,
                          "fp32_gflops": args.fp32_gflops, "mem_gbs": args.mem_gbs},
