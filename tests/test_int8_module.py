@@ -58,8 +58,9 @@ def test_smooth_scale_is_folded_and_divided_out():
         assert torch.nn.functional.cosine_similarity(mod(x).flatten(), lin(x).flatten(), dim=0) > 0.999
         back = mod.to_linear().weight
         assert ((back - lin.weight).abs() <= w_scale[:, None] / s[None, :] / 2 * 1.001 + 1e-7).all()
-    with pytest.raises(ValueError, match="positive"):
-        Int8Linear.from_linear(lin, smooth_scale=-s)
+    for bad in (-s, torch.full_like(s, float("inf")), s[:-1]):
+        with pytest.raises(ValueError, match="positive and finite"):
+            Int8Linear.from_linear(lin, smooth_scale=bad)
 
 
 def test_state_dict_round_trip_is_exact():

@@ -39,8 +39,10 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         if smooth_scale is not None:
             smooth_scale = smooth_scale.detach().float().to(w.device)
-            if smooth_scale.shape != (linear.in_features,) or not bool((smooth_scale > 0).all()):
-                raise ValueError(f"smooth_scale must be ({linear.in_features},) and positive")
+            ok = smooth_scale.shape == (linear.in_features,) and bool(
+                ((smooth_scale > 0) & torch.isfinite(smooth_scale)).all())
+            if not ok:
+                raise ValueError(f"smooth_scale must be ({linear.in_features},), positive and finite")
             w = w * smooth_scale[None, :]
         w_q, w_scale = quantize_weight_per_channel(w)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
