@@ -20,7 +20,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda") = false;
 #endif
   m.def("best_cpu_isa", [] { return std::string(isa_name(best_isa())); },
-        "Best CPU instruction set of this machine: amx, avx512_vnni, avx2 or scalar.");
+        "Best CPU instruction set of this machine: amx, avx512_vnni, avx_vnni, avx2 or scalar.");
+  m.def("supported_cpu_isas", [] {
+    py::list names;
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Amx})
+      if (isa_supported(isa)) names.append(isa_name(isa));
+    return names;
+  }, "The CPU instruction sets this machine can run, slowest first.");
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
         "The CPU instruction set the int8 kernels use now.");
   m.def("set_cpu_isa", [](const std::string& name) {

@@ -24,12 +24,11 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 ROUNDINGS = 3
 
-ALL_ISAS = ["scalar", "avx2", "avx512_vnni", "amx"]
+ALL_ISAS = ["scalar", "avx2", "avx_vnni", "avx512_vnni", "amx"]
 
 
 def available_isas():
-    best = ALL_ISAS.index(torchslim._C.best_cpu_isa())
-    return ALL_ISAS[: best + 1]
+    return list(torchslim._C.supported_cpu_isas())
 
 
 @pytest.fixture(params=ALL_ISAS)

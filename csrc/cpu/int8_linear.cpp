@@ -68,6 +68,8 @@ cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& 
 void quantize_chunk(const cpu::QuantizeArgs& qa, int64_t m0, int64_t m1, Isa isa) {
   if (isa >= Isa::Avx512Vnni)
     cpu::quantize_rows_avx512(qa, m0, m1);
+  else if (isa >= Isa::Avx2)
+    cpu::quantize_rows_avx2(qa, m0, m1);
   else
     cpu::quantize_rows_scalar(qa, m0, m1);
 }
@@ -135,7 +137,9 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   at::Tensor q = at::empty({M_pad, K_pad}, x.options().dtype(at::kChar));
   at::Tensor a_scale = at::empty({M_pad}, x.options().dtype(at::kFloat));
   if (M_pad > M) q.narrow(0, M, M_pad - M).zero_();
-  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, isa == Isa::Avx512Vnni);
+  // The vpdpbusd kernels take unsigned activations q + 128 (AMX and the others take q).
+  const bool offset128 = isa == Isa::Avx512Vnni || isa == Isa::AvxVnni;
+  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, offset128);
 
   const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale.data_ptr<float>(),
                         w_packed.data_ptr<int8_t>(), w_scale.data_ptr<float>(),
@@ -143,6 +147,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
                         out.data_ptr(), N, float_dtype(x, op), M, N, K_pad};
   auto* tile = isa == Isa::Amx ? cpu::gemm_tile_amx
              : isa == Isa::Avx512Vnni ? cpu::gemm_tile_avx512
+             : isa == Isa::AvxVnni ? cpu::gemm_tile_avxvnni
              : isa == Isa::Avx2 ? cpu::gemm_tile_avx2 : cpu::gemm_tile_scalar;
   const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
 

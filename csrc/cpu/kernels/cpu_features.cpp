@@ -26,38 +26,38 @@ bool request_amx_permission() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-Isa detect() {
+// Bit i set: this CPU and OS run the kernels of Isa(i).
+unsigned detect() {
+  unsigned set = 1u << int(Isa::Scalar);
   uint32_t a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::Scalar;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return set;
   const bool osxsave = bit(c, 27), fma = bit(c, 12), f16c = bit(c, 29);
-  if (!osxsave) return Isa::Scalar;
+  if (!osxsave) return set;
   const uint64_t xcr = xcr0();
   const bool os_avx = (xcr & 0x6) == 0x6;             // SSE + AVX state
   const bool os_avx512 = (xcr & 0xE6) == 0xE6;        // + opmask, ZMM_Hi256, Hi16_ZMM
   const bool os_amx = (xcr & (3ull << 17)) == (3ull << 17);  // XTILECFG + XTILEDATA
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::Scalar;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return set;
   const bool avx2 = bit(b, 5) && fma && f16c && os_avx;
   const bool avx512 = bit(b, 16) && bit(b, 17) && bit(b, 30) && bit(b, 31) && os_avx512;
-  const bool vnni = bit(c, 11);
+  const bool avx512_vnni = avx512 && bit(c, 11);
   const bool amx_regs = bit(d, 24) && bit(d, 25) && os_amx;
+  uint32_t a1 = 0, b1, c1, d1;
+  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+  const bool avx_vnni = avx2 && bit(a1, 4);  // VEX-encoded vpdpbusd on 256 bits (Alder Lake and newer)
   // The AMX kernel file is also built for AVX512_BF16 (its bf16 stores): require it too.
-  const bool amx = amx_regs && __get_cpuid_count(7, 1, &a, &b, &c, &d) && bit(a, 5);
-  if (avx512 && vnni && amx && request_amx_permission()) return Isa::Amx;
-  if (avx512 && vnni) return Isa::Avx512Vnni;
-  if (avx2) return Isa::Avx2;
-  return Isa::Scalar;
+  const bool amx = avx512_vnni && amx_regs && bit(a1, 5) && request_amx_permission();
+  if (avx2) set |= 1u << int(Isa::Avx2);
+  if (avx_vnni) set |= 1u << int(Isa::AvxVnni);
+  if (avx512_vnni) set |= 1u << int(Isa::Avx512Vnni);
+  if (amx) set |= 1u << int(Isa::Amx);
+  return set;
 }
 
-}  // namespace
+constexpr Isa kAll[] = {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Amx};
 
-Isa best_isa() {
-  static const Isa isa = detect();
-  return isa;
-}
-
-namespace {
 bool parse_isa(const char* name, Isa* out) {
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx}) {
+  for (Isa isa : kAll) {
     if (std::strcmp(name, isa_name(isa)) == 0) {
       *out = isa;
       return true;
@@ -71,18 +71,31 @@ std::atomic<int>& active() {
     Isa chosen = best_isa();
     const char* env = std::getenv("TORCHSLIM_CPU_ISA");
     Isa wanted;
-    if (env && parse_isa(env, &wanted) && wanted <= chosen) chosen = wanted;
+    if (env && parse_isa(env, &wanted) && isa_supported(wanted)) chosen = wanted;
     return int(chosen);
   }();
   return isa;
 }
+
 }  // namespace
+
+bool isa_supported(Isa isa) {
+  static const unsigned set = detect();
+  return (set >> int(isa)) & 1u;
+}
+
+Isa best_isa() {
+  Isa best = Isa::Scalar;
+  for (Isa isa : kAll)
+    if (isa_supported(isa)) best = isa;  // kAll is ordered from slowest to fastest
+  return best;
+}
 
 Isa active_isa() { return Isa(active().load(std::memory_order_relaxed)); }
 
 bool set_active_isa(const char* name) {
   Isa wanted;
-  if (!parse_isa(name, &wanted) || wanted > best_isa()) return false;
+  if (!parse_isa(name, &wanted) || !isa_supported(wanted)) return false;
   active().store(int(wanted), std::memory_order_relaxed);
   return true;
 }
@@ -91,6 +104,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Amx: return "amx";
     case Isa::Avx512Vnni: return "avx512_vnni";
+    case Isa::AvxVnni: return "avx_vnni";
     case Isa::Avx2: return "avx2";
     default: return "scalar";
   }

@@ -6,7 +6,8 @@
 namespace torchslim::cpu {
 
 enum class Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Amx = 3 };
+// Ordered from slowest to fastest.
+enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3, Amx = 4 };
 
 // Packed weight layout (documented for users in python/torchslim/formats/int8.py):
 // N is padded to a multiple of 16 (one "block" = 16 output channels), K to a multiple of 64.
@@ -37,11 +38,12 @@ struct QuantizeArgs {
   bool offset128;
 };
 void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1);
+void quantize_rows_avx2(const QuantizeArgs& a, int64_t m0, int64_t m1);
 void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1);
 
 // out[m, n] = (sum_k q[m, k] * w[n, k]) * a_scale[m] * b_scale[n] + bias[n], in out_dtype.
 struct GemmArgs {
-  const int8_t* a; int64_t lda;  // quantized activations, M rows of K_pad (offset128 for Avx512Vnni)
+  const int8_t* a; int64_t lda;  // quantized activations, M rows of K_pad (offset128 for the vpdpbusd paths)
   const float* a_scale;          // (M,)
   const int8_t* b;               // packed weight
   const float* b_scale;          // (N,)
@@ -52,12 +54,14 @@ struct GemmArgs {
 // Each computes rows [m0, m1) and weight blocks [nb0, nb1) of out.
 void gemm_tile_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 void gemm_tile_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
+void gemm_tile_avxvnni(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 void gemm_tile_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 void gemm_tile_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
 
 // The best instruction set this CPU and OS support (cpu_features.cpp), and the one the ops use:
 // the best by default, lowered with set_active_isa (tests run every path on one machine) or the
-// environment variable TORCHSLIM_CPU_ISA=scalar|avx2|avx512_vnni|amx read at first use.
+// environment variable TORCHSLIM_CPU_ISA=scalar|avx2|avx_vnni|avx512_vnni|amx read at first use.
+bool isa_supported(Isa isa);
 Isa best_isa();
 Isa active_isa();
 // Returns false (and changes nothing) for an unknown name or an ISA this CPU lacks.

@@ -6,6 +6,7 @@
 
 #include "avx512_io.h"
 #include "int8_gemm.h"
+#include "quantize_row.h"
 #include "scalar_convert.h"
 
 namespace torchslim::cpu {
@@ -113,7 +114,6 @@ void gemm_tile_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, in
 
 namespace {
 
-// One row per iteration; the dtype is a template parameter so the inner loops carry no switch.
 // Largest |x| of a row as the bit pattern of a non-negative float of x's dtype, compared as
 // unsigned integers: for non-negative IEEE values the integer order is the numeric order, and
 // NaN / Inf compare above every finite value. One AND and one integer max per 64 bytes.
@@ -158,34 +158,26 @@ float bits_to_float(uint32_t bits) {
   }
 }
 
-// One row per iteration; the dtype is a template parameter so the inner loops carry no switch.
+// The dtype and the offset are template parameters so the inner loops carry no branch.
 template <Dtype DT, bool kOffset128>
 void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t base = m * a.ldx;
-    const float absmax = bits_to_float<DT>(absmax_bits<DT>(static_cast<const char*>(a.x) + base * (DT == Dtype::F32 ? 4 : 2), a.K));
-    int8_t* q = a.q + m * a.ldq;
-    constexpr int kOffset = kOffset128 ? 0x80 : 0;
-    const float inv_s = 127.f / absmax;
-    if (!std::isfinite(absmax) || std::isinf(inv_s)) {
-      a.scale[m] = std::isfinite(absmax) ? 0.f : __builtin_nanf("");
-      std::memset(q, kOffset, a.K_pad);
-      continue;
-    }
-    a.scale[m] = absmax / 127.f;
-    const __m512 inv = _mm512_set1_ps(inv_s);
-    for (int64_t k = 0; k < a.K; k += 16) {
-      const __mmask16 mask = tail_mask(a.K - k);
-      const __m512 v = load16(a.x, DT, base + k, mask);
-      // No clamp needed: |x| <= absmax and inv <= (127 / absmax)(1 + 2^-24), so |x * inv| < 127.5
-      // rounds to at most 127 (the saturating vpmovsdb would catch anything else anyway).
-      const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      __m128i q16 = _mm512_cvtsepi32_epi8(r);
-      if constexpr (kOffset128) q16 = _mm_xor_si128(q16, _mm_set1_epi8(char(0x80)));
-      _mm_mask_storeu_epi8(q + k, mask, q16);
-    }
-    std::memset(q + a.K, kOffset, a.K_pad - a.K);
-  }
+  const char* x = static_cast<const char*>(a.x);
+  constexpr int64_t kElem = DT == Dtype::F32 ? 4 : 2;
+  quantize_rows_with(
+      a, m0, m1, [&](int64_t m) { return bits_to_float<DT>(absmax_bits<DT>(x + m * a.ldx * kElem, a.K)); },
+      [&](int64_t m, float inv_s, int8_t* q) {
+        const __m512 inv = _mm512_set1_ps(inv_s);
+        for (int64_t k = 0; k < a.K; k += 16) {
+          const __mmask16 mask = tail_mask(a.K - k);
+          const __m512 v = load16(a.x, DT, m * a.ldx + k, mask);
+          // No clamp needed: |x| <= absmax and inv <= (127 / absmax)(1 + 2^-24), so |x * inv| < 127.5
+          // rounds to at most 127 (the saturating vpmovsdb would catch anything else anyway).
+          const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          __m128i q16 = _mm512_cvtsepi32_epi8(r);
+          if constexpr (kOffset128) q16 = _mm_xor_si128(q16, _mm_set1_epi8(char(0x80)));
+          _mm_mask_storeu_epi8(q + k, mask, q16);
+        }
+      });
 }
 
 template <Dtype DT>

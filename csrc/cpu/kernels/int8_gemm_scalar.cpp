@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "int8_gemm.h"
+#include "quantize_row.h"
 #include "scalar_convert.h"
 
 namespace torchslim::cpu {
@@ -37,28 +38,20 @@ void unpack_weight(const int8_t* packed, int64_t N, int64_t K, int8_t* w) {
 }
 
 void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    float absmax = 0.f, nonfinite = 0.f;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const float v = load_as_float(a.x, a.dtype, m * a.ldx + k);
-      absmax = std::fmax(absmax, std::fabs(v));
-      nonfinite += v * 0.f;  // NaN as soon as one v is NaN or +-Inf
-    }
-    int8_t* q = a.q + m * a.ldq;
-    const int8_t offset = a.offset128 ? int8_t(-128) : int8_t(0);
-    const float inv = 127.f / absmax;
-    if (nonfinite != 0.f || std::isinf(inv)) {
-      a.scale[m] = nonfinite == 0.f ? 0.f : NAN;  // NaN rows first: fmax drops NaN
-      std::memset(q, offset, a.K_pad);
-      continue;
-    }
-    a.scale[m] = absmax / 127.f;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const float r = std::nearbyint(load_as_float(a.x, a.dtype, m * a.ldx + k) * inv);
-      q[k] = int8_t(int(std::fmin(std::fmax(r, -127.f), 127.f)) ^ (a.offset128 ? 0x80 : 0));
-    }
-    std::memset(q + a.K, offset, a.K_pad - a.K);
-  }
+  quantize_rows_with(
+      a, m0, m1,
+      [&](int64_t m) {
+        float absmax = 0.f, nonfinite = 0.f;
+        for (int64_t k = 0; k < a.K; ++k) {
+          const float v = load_as_float(a.x, a.dtype, m * a.ldx + k);
+          absmax = std::fmax(absmax, std::fabs(v));
+          nonfinite += v * 0.f;  // NaN as soon as one v is NaN or +-Inf (fmax alone drops NaN)
+        }
+        return nonfinite == 0.f ? absmax : NAN;
+      },
+      [&](int64_t m, float inv, int8_t* q) {
+        for (int64_t k = 0; k < a.K; ++k) q[k] = quantize_one(load_as_float(a.x, a.dtype, m * a.ldx + k), inv, a.offset128);
+      });
 }
 
 void gemm_tile_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {

@@ -1,0 +1,42 @@
+// The per-token quantization every CPU path shares (see QuantizeArgs in int8_gemm.h): the row
+// logic once, the two vectorizable loops (absmax, quantize) supplied by each instruction set.
+#pragma once
+#include <cmath>
+#include <cstring>
+
+#include "int8_gemm.h"
+
+namespace torchslim::cpu {
+namespace {
+
+// One element: round half to even (the default rounding mode), clamp, optional +128 offset.
+inline int8_t quantize_one(float v, float inv, bool offset128) {
+  const float r = std::nearbyint(v * inv);
+  return int8_t(int(std::fmin(std::fmax(r, -127.f), 127.f)) ^ (offset128 ? 0x80 : 0));
+}
+
+// absmax_of(m): the row's largest |x|, NaN or Inf if the row holds a NaN or an Inf.
+// quantize_row(m, inv, q): writes q[0, K) = quantize_one(x[m, k], inv, a.offset128).
+template <class AbsMax, class QuantizeRow>
+inline void quantize_rows_with(const QuantizeArgs& a, int64_t m0, int64_t m1, AbsMax absmax_of,
+                               QuantizeRow quantize_row) {
+  const int offset = a.offset128 ? 0x80 : 0;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float absmax = absmax_of(m);
+    int8_t* q = a.q + m * a.ldq;
+    const float inv = 127.f / absmax;
+    if (!std::isfinite(absmax) || std::isinf(inv)) {
+      // NaN/Inf rows: scale NaN, so the output row is NaN as a float GEMM's would be. Zero rows,
+      // and rows so small (absmax < 127 / FLT_MAX) that 127 / absmax overflows: scale 0.
+      a.scale[m] = std::isfinite(absmax) ? 0.f : NAN;
+      std::memset(q, offset, a.K_pad);
+      continue;
+    }
+    a.scale[m] = absmax / 127.f;
+    quantize_row(m, inv, q);
+    std::memset(q + a.K, offset, a.K_pad - a.K);
+  }
+}
+
+}  // namespace
+}  // namespace torchslim::cpu
