@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+from .ops import _FLOATS
+
 # Largest K whose int32 sum of products of values in [-127, 127] cannot overflow (the kernel
 # module holds the same constant; repeated here so checking needs no Triton import).
 _MAX_K = (2**31 - 1) // (127 * 127)
