@@ -113,7 +113,8 @@ float row_absmax(const void* row, int64_t K) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
     for (uint16_t v : lanes) best = v > best ? v : best;
     for (; k < K; ++k) best = (p[k] & 0x7FFFu) > best ? (p[k] & 0x7FFFu) : best;
-    return load_as_float(&best, DT, 0) ;
+    const uint16_t bits16 = uint16_t(best);
+    return load_as_float(&bits16, DT, 0);
   }
 }
 
