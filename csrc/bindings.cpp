@@ -10,6 +10,14 @@
 namespace py = pybind11;
 using namespace torchslim::cpu;
 
+namespace {
+std::string known_names() {
+  std::string names;
+  for (Isa isa : kAllIsas) names += std::string(names.empty() ? "" : ", ") + isa_name(isa);
+  return names;
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torchslim native kernels";
   m.attr("__version__") = TORCHSLIM_VERSION;
@@ -21,17 +29,27 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("best_cpu_isa", [] { return std::string(isa_name(best_isa())); },
         "Best CPU instruction set of this machine: amx, avx512_vnni, avx_vnni, avx2 or scalar.");
+  m.def("known_cpu_isas", [] {
+    py::list names;
+    for (Isa isa : kAllIsas) names.append(isa_name(isa));
+    return names;
+  }, "Every CPU instruction set torchslim has kernels for, slowest first.");
   m.def("supported_cpu_isas", [] {
     py::list names;
-    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Amx})
+    for (Isa isa : kAllIsas)
       if (isa_supported(isa)) names.append(isa_name(isa));
     return names;
   }, "The CPU instruction sets this machine can run, slowest first.");
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
         "The CPU instruction set the int8 kernels use now.");
   m.def("set_cpu_isa", [](const std::string& name) {
-    if (!set_active_isa(name.c_str()))
-      throw std::invalid_argument("set_cpu_isa: '" + name + "' is unknown or not supported by this CPU (best: " +
-                                  isa_name(best_isa()) + ")");
-  }, "Use a lower instruction set for the int8 kernels (for tests and comparisons).");
+    switch (set_active_isa(name.c_str())) {
+      case SetIsa::Ok: return;
+      case SetIsa::Unknown:
+        throw std::invalid_argument("set_cpu_isa: unknown instruction set '" + name + "'; known: " + known_names());
+      case SetIsa::Unsupported:
+        throw std::invalid_argument("set_cpu_isa: this CPU does not support '" + name + "' (best: " +
+                                    isa_name(best_isa()) + ")");
+    }
+  }, "Choose the instruction set of the int8 kernels (case-insensitive name; for tests and comparisons).");
 }

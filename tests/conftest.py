@@ -9,8 +9,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import torchslim  # noqa: E402
+
+# Hypothesis budgets: TORCHSLIM_TEST_PROFILE=long multiplies every property test's examples by 20
+# (minutes instead of seconds; for a hostile-input hunt before a release, not for CI).
+_PROFILES = {"fast": 1, "long": 20}
+_profile = os.environ.get("TORCHSLIM_TEST_PROFILE", "fast").strip().lower()
+if _profile not in _PROFILES:
+    raise ValueError(f"TORCHSLIM_TEST_PROFILE={_profile!r}: known profiles are {sorted(_PROFILES)}")
+
+
+def examples(n: int) -> settings:
+    """Hypothesis settings with n examples in the fast profile (scaled by the profile)."""
+    return settings(max_examples=n * _PROFILES[_profile], deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -23,6 +37,8 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # rounded once more by the final cast).
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 ROUNDINGS = 3
+# Below the normal range a rounding is absolute: half the spacing of the dtype's subnormals.
+HALF_SUBNORMAL_SPACING = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
 
 ALL_ISAS = ["scalar", "avx2", "avx_vnni", "avx512_vnni", "amx"]
 
@@ -47,8 +63,10 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: t
     u = UNIT_ROUNDOFF[out.dtype]
     mag = ref.abs() if scale_mag is None else scale_mag
     bound = u * ref.abs() + 2 * ROUNDINGS * UNIT_ROUNDOFF[torch.float32] * mag
-    if out.dtype == torch.float16:
-        bound = bound + 2.0**-25  # half the float16 subnormal spacing (absolute, below 2**-14)
+    bound = bound + HALF_SUBNORMAL_SPACING[out.dtype]  # absolute, for results below the normal range
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if out.numel() == 0:
+        return
     err = (out.double() - ref).abs()
     excess = (err - bound).flatten()
     worst = int(excess.argmax())
@@ -71,7 +89,14 @@ def int8_linear_bad_inputs():
     yield "non-contiguous w", (x, torch.zeros(32, 8, dtype=torch.int8).T, s, None), "contiguous"
     yield "scale shape", (x, w_q, torch.ones(7), None), "w_scale"
     yield "scale dtype", (x, w_q, torch.ones(8, dtype=torch.float64), None), "float32"
+    yield "0-D scale", (x, w_q, torch.tensor(1.0), None), r"w_scale must have shape \(8,\), got \[\]"
     yield "NaN scale", (x, w_q, torch.tensor([1.0] * 7 + [float("nan")]), None), r"w_scale\[7\] is nan.*finite"
     yield "Inf scale", (x, w_q, torch.tensor([float("inf")] + [1.0] * 7), None), "finite"
-    yield "bias shape", (x, w_q, s, torch.ones(9)), "bias"
-    yield "int bias", (x, w_q, s, torch.ones(8, dtype=torch.int64)), "bias"
+    yield "bias shape", (x, w_q, s, torch.ones(9)), "bias must have shape"
+    yield "int bias", (x, w_q, s, torch.ones(8, dtype=torch.int64)), "bias must be floating point"
+    yield "K too large", (torch.randn(1, 65537), torch.zeros(1, 65537, dtype=torch.int8), torch.ones(1), None), \
+        "K=65537 exceeds 65536"
+    for name, arg in (("w_q", 1), ("w_scale", 2), ("bias", 3)):
+        args = [x, w_q, s, torch.ones(8)]
+        args[arg] = args[arg].to("meta")
+        yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"

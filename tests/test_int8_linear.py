@@ -2,13 +2,13 @@
 against the float64 reference in torchslim.reference."""
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, assert_close_to_reference, int8_linear_bad_inputs
-from hypothesis import HealthCheck, given, settings
+from conftest import UNIT_ROUNDOFF, FLOAT_DTYPES, assert_close_to_reference, examples, int8_linear_bad_inputs
+from hypothesis import given
 from hypothesis import strategies as st
 
 from torchslim import ops, reference
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = examples(25)
 # Sizes around the kernels' steps: rows (1, 4, 6, 32), channels (16, 64), k (4, 64).
 sizes = st.one_of(st.integers(1, 70), st.sampled_from([1, 3, 17, 31, 33, 64, 65, 129, 193]))
 
@@ -138,14 +138,21 @@ def test_zero_size():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_opcheck(dtype):
+    # x requires grad, so opcheck's autograd-registration and aot-dispatch tests run the backward.
     x, w_q, w_scale, bias = make_case(5, 24, 70, dtype, True, 4)
-    torch.library.opcheck(torch.ops.torchslim.quantize_per_token.default, (x,))
-    torch.library.opcheck(torch.ops.torchslim.int8_pack_weight.default, (w_q,))
+    x.requires_grad_()
     packed = ops.int8_pack_weight(w_q)
+    quantize = torch.ops.torchslim.quantize_per_token.default
+    torch.library.opcheck(quantize, (x.detach(),))
+    # opcheck's aot-dispatch test sums every output into one accumulator and fails on an integer
+    # first output (q) when x requires grad: the other tests, then the gradient test below.
+    torch.library.opcheck(quantize, (x,), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.torchslim.int8_pack_weight.default, (w_q,))
     torch.library.opcheck(torch.ops.torchslim.int8_unpack_weight.default, (packed, 24, 70))
     torch.library.opcheck(torch.ops.torchslim.int8_linear.default, (x, w_q, w_scale, bias))
     torch.library.opcheck(torch.ops.torchslim.int8_linear.default, (x, w_q, w_scale, None))
     torch.library.opcheck(torch.ops.torchslim.int8_linear_packed.default, (x, packed, w_scale, bias))
+    torch.library.opcheck(torch.ops.torchslim.int8_linear_packed.default, (x, packed, w_scale, bias.clone().requires_grad_()))
 
 
 @pytest.mark.parametrize("name,args,message", list(int8_linear_bad_inputs()), ids=[b[0] for b in int8_linear_bad_inputs()])
@@ -157,12 +164,168 @@ def test_bad_input_raises_clearly(name, args, message):
 def test_bad_packed_weight_raises():
     x = torch.randn(4, 32)
     packed = ops.int8_pack_weight(torch.zeros(8, 32, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match="packed"):
-        ops.int8_linear_packed(x, packed, torch.ones(40))  # N=40 needs 3 blocks, packed has 1
-    with pytest.raises(RuntimeError, match="packed"):
-        ops.int8_linear_packed(torch.randn(4, 200), packed, torch.ones(8))  # K=200 needs wider rows
-    with pytest.raises(RuntimeError, match="packed"):
-        ops.int8_unpack_weight(packed[:, :-1].contiguous(), 8, 32)
+    with pytest.raises(RuntimeError, match=r"int8_linear_packed: w_packed was packed for a \(N=8, K=32\) weight"):
+        ops.int8_linear_packed(x, packed, torch.ones(40))
+    with pytest.raises(RuntimeError, match=r"int8_linear_packed: w_packed was packed for .* \(N=8, K=200\)"):
+        ops.int8_linear_packed(torch.randn(4, 200), packed, torch.ones(8))
+    with pytest.raises(RuntimeError, match="int8_unpack_weight: w_packed holds"):
+        ops.int8_unpack_weight(packed[:-1].contiguous(), 8, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed layout is self-describing (issue: a weight packed for other N, K was accepted)
+# ---------------------------------------------------------------------------------------------
+def test_packed_weight_records_its_shape():
+    # K = 60 and K = 64 pad to the same width, N = 17 and N = 32 to the same blocks: the sizes
+    # agree, only the header tells them apart.
+    w = torch.randint(-127, 128, (17, 64), dtype=torch.int8)
+    packed = ops.int8_pack_weight(w)
+    with pytest.raises(RuntimeError, match=r"int8_linear_packed: w_packed was packed for a \(N=17, K=64\) weight, "
+                                           r"but the call needs \(N=17, K=60\)"):
+        ops.int8_linear_packed(torch.randn(3, 60), packed, torch.ones(17))
+    with pytest.raises(RuntimeError, match=r"packed for a \(N=17, K=64\) weight, but the call needs \(N=32, K=64\)"):
+        ops.int8_linear_packed(torch.randn(3, 64), packed, torch.ones(32))
+    with pytest.raises(RuntimeError, match=r"int8_unpack_weight: w_packed was packed for a \(N=17, K=64\)"):
+        ops.int8_unpack_weight(packed, 17, 60)
+    with pytest.raises(RuntimeError, match="int8_unpack_weight: N and K must be non-negative, got N=-5"):
+        ops.int8_unpack_weight(packed, -5, 64)
+    corrupt = packed.clone()
+    corrupt[0] ^= 1
+    with pytest.raises(RuntimeError, match="w_packed has no valid header"):
+        ops.int8_linear_packed(torch.randn(3, 64), corrupt, torch.ones(17))
+    with pytest.raises(RuntimeError, match="less than its 64-byte header"):
+        ops.int8_unpack_weight(packed[:10].clone(), 0, 0)
+
+
+@given(N=st.integers(1, 40), K=st.integers(1, 150), M=st.integers(1, 40), seed=st.integers(0, 2**31))
+@examples(15)
+def test_padding_bytes_never_reach_the_output(N, K, M, seed):
+    # Fill every byte of the packed weight that is not a weight (k >= K, channels >= N) with
+    # random bytes: every kernel path must still give the result of the clean weight, bit for bit.
+    import torchslim
+    from conftest import available_isas
+
+    x, w_q, w_scale, bias = make_case(M, N, K, torch.float32, True, seed)
+    packed = ops.int8_pack_weight(w_q)
+    k_pad, n_pad = -(-K // 64) * 64, -(-N // 16) * 16
+    g = torch.Generator().manual_seed(seed)
+    blocks = packed[64:].view(n_pad // 16, k_pad // 4, 16, 4)  # [block][k group][channel][k in group]
+    k_idx = torch.arange(k_pad).view(k_pad // 4, 4)
+    n_idx = torch.arange(n_pad).view(n_pad // 16, 1, 16, 1)
+    junk = (k_idx.view(1, k_pad // 4, 1, 4) >= K) | (n_idx >= N)
+    noise = torch.randint(-128, 128, blocks.shape, generator=g, dtype=torch.int8)
+    dirty = packed.clone()
+    dirty[64:].view(blocks.shape)[junk.expand(blocks.shape)] = noise[junk.expand(blocks.shape)]
+    assert torch.equal(ops.int8_unpack_weight(dirty, N, K), w_q)
+    before = torchslim.cpu_isa()
+    try:
+        for isa in available_isas():
+            torchslim.set_cpu_isa(isa)
+            assert torch.equal(ops.int8_linear_packed(x, dirty, w_scale, bias), ops.int8_linear(x, w_q, w_scale, bias)), isa
+    finally:
+        torchslim.set_cpu_isa(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# edge numerics
+# ---------------------------------------------------------------------------------------------
+def test_scale_product_overflow_gives_the_float_result(cpu_isa):
+    # x = [3e38, 0, ...] against a weight that is zero where x is not: the product of the two
+    # scales (3e38 / 127 * 1e3) overflows float32, yet the true output is 0 (+ bias), not 0 * Inf.
+    K, N = 40, 20
+    x = torch.zeros(3, K)
+    x[0, 0] = 3e38
+    x[1, 0], x[1, 1] = 3e38, 1e36  # a non-zero sum: the true output overflows, as float math does
+    x[2] = torch.randn(K)
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w_q[:, 0] = 0
+    w_scale = torch.full((N,), 1e3)
+    bias = torch.randn(N)
+    out = ops.int8_linear(x, w_q, w_scale, bias)
+    assert torch.equal(out[0], bias)
+    ref = reference.int8_linear(x, w_q, w_scale, bias)
+    assert torch.equal(out[1], ref[1].float())  # +-Inf where the float64 result exceeds float32
+    assert_close_to_reference(out[2:], ref[2:], epilogue_magnitude(x, w_q, w_scale, bias)[2:])
+
+
+@pytest.mark.parametrize("x_mag,w_mag", [(1e-28, 1e-11), (1e-25, 1e-14), (1.0, 1e-40), (1e-36, 1.0), (1e36, 1e-36)])
+def test_extreme_scales_keep_float32_accuracy(cpu_isa, x_mag, w_mag):
+    # Scale products below float32's normal range take the double epilogue: outputs of normal
+    # size stay within the usual rounding bound instead of losing precision in the product.
+    x, w_q, _, bias = make_case(7, 33, 50, torch.float32, True, 7)
+    x = x * x_mag
+    w_scale = torch.rand(33) * w_mag + w_mag / 2
+    bias = bias * 0
+    out = ops.int8_linear(x, w_q, w_scale, bias)
+    ref = reference.int8_linear(x, w_q, w_scale, bias)
+    assert_close_to_reference(out, ref, epilogue_magnitude(x, w_q, w_scale, bias))
+
+
+def test_empty_k_gives_the_bias():
+    x = torch.randn(3, 0)
+    out = ops.int8_linear(x, torch.zeros(5, 0, dtype=torch.int8), torch.ones(5), torch.arange(5.0))
+    assert torch.equal(out, torch.arange(5.0).expand(3, 5))
+    assert torch.equal(ops.int8_linear(x, torch.zeros(5, 0, dtype=torch.int8), torch.ones(5)), torch.zeros(3, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gradient_is_that_of_the_dequantized_layer(packed, dtype):
+    # Straight through the activation quantization: dx = dy @ (w_q * w_scale), dbias = sum dy.
+    x, w_q, w_scale, bias = make_case(6, 24, 40, dtype, True, 8)
+    x.requires_grad_()
+    bias.requires_grad_()
+    w = ops.int8_pack_weight(w_q) if packed else w_q
+    op = ops.int8_linear_packed if packed else ops.int8_linear
+    dy = torch.randn(6, 24).to(dtype)
+    op(x, w, w_scale, bias).backward(dy)
+    w_deq = w_q.double() * w_scale.double()[:, None]
+    expected_dx = dy.double() @ w_deq
+    # One rounding of dy * w_scale to the dtype, then a product over N = 24 terms: the classical
+    # bound (N + 2) u |dy| |w| (Higham, Accuracy and Stability of Numerical Algorithms, 3.5).
+    u = UNIT_ROUNDOFF[dtype]
+    bound = (24 + 2) * u * (dy.double().abs() @ w_deq.abs()) + 1e-30
+    assert x.grad.dtype == dtype and ((x.grad.double() - expected_dx).abs() <= bound).all()
+    assert bias.grad.dtype == dtype
+    # A sum over M = 6 rows in float32, rounded once to the dtype.
+    bias_bound = 6 * UNIT_ROUNDOFF[torch.float32] * dy.double().abs().sum(0) + u * dy.double().sum(0).abs()
+    assert ((bias.grad.double() - dy.double().sum(0)).abs() <= bias_bound).all()
+
+
+def test_gradient_through_a_residual_block_reaches_every_branch():
+    x, w_q, w_scale, bias = make_case(4, 32, 32, torch.float32, True, 9)
+    x.requires_grad_()
+    y = x + ops.int8_linear(torch.relu(x), w_q, w_scale, bias)
+    y.sum().backward()
+    expected = 1 + (torch.ones(4, 32) @ (w_q.float() * w_scale[:, None])) * (x > 0)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_gradient_for_a_frozen_scale_is_a_clear_error():
+    x, w_q, w_scale, _ = make_case(4, 8, 16, torch.float32, False, 10)
+    w_scale.requires_grad_()
+    y = ops.int8_linear(x.requires_grad_(), w_q, w_scale)
+    with pytest.raises(RuntimeError, match="int8_linear: w_scale requires grad, but int8 weights and their scales are frozen"):
+        y.sum().backward()
+
+
+def test_quantize_per_token_scale_gradient_matches_the_reference():
+    x = torch.randn(6, 20)
+    x[1, 3] = x[1, 7] = x[1].abs().max() + 1  # a tie: the gradient is shared
+    x[2] = 0  # a zero row: scale is the constant 0
+    x[3, 0] = float("nan")  # a NaN row: scale is the constant NaN
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    g = torch.randn(6)
+    (ops.quantize_per_token(a)[1] * g).nansum().backward()
+    (reference.quantize_per_token(b)[1] * g).nansum().backward()
+    rows = [0, 1, 2, 4, 5]
+    torch.testing.assert_close(a.grad[rows], b.grad[rows])
+    # The NaN row's scale is the constant NaN: no gradient (torch's amax backward would give NaN).
+    assert torch.equal(a.grad[3], torch.zeros(20))
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps")

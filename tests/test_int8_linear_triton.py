@@ -232,19 +232,51 @@ def test_cuda_kernel_is_registered_where_triton_is_installed():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("torchslim::int8_linear", "CUDA")
 
 
-# The cases of the CPU op's checks: the CUDA op says the same things.
+# The cases of the CPU op's checks: the CUDA op says the same things (its checks run before any
+# launch, so CPU tensors exercise them anywhere).
 @pytest.mark.parametrize("name,args,message", list(int8_linear_bad_inputs()), ids=[b[0] for b in int8_linear_bad_inputs()])
 def test_cuda_op_argument_checks(name, args, message):
     with pytest.raises(RuntimeError, match=message):
-        _cuda_registration._check_int8_linear_args(*args)
+        _cuda_registration._int8_linear_cuda(*args)
 
 
-def test_finite_scale_check_is_redone_after_an_inplace_change():
-    x, w_q, s = torch.randn(4, 32), torch.zeros(8, 32, dtype=torch.int8), torch.ones(8)
-    _cuda_registration._check_int8_linear_args(x, w_q, s, None)  # checked and remembered
+def test_scale_check_is_redone_after_an_inplace_change():
+    s = torch.ones(8)
+    assert _cuda_registration._checked_scale_range(s, "int8_linear") == kernels.safe_row_scale_range(s)
     s[3] = float("inf")
     with pytest.raises(RuntimeError, match=r"w_scale\[3\] is inf"):
-        _cuda_registration._check_int8_linear_args(x, w_q, s, None)
+        _cuda_registration._checked_scale_range(s, "int8_linear")
+
+
+def test_packed_op_on_cuda_arguments_says_what_to_use():
+    # Registered for CUDA so that a mixed-device call is named, not a missing-kernel error.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("torchslim::int8_linear_packed", "CUDA")
+    x, w_q = torch.randn(2, 32), torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="on cuda call int8_linear"):
+        _cuda_registration._int8_linear_packed_cuda(x, ops.int8_pack_weight(w_q), torch.ones(8), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# edge numerics of the epilogue (as the CPU kernels)
+# ---------------------------------------------------------------------------------------------
+@needs_kernel_device
+def test_epilogue_never_makes_nan_from_an_overflowing_scale_product():
+    # Row scale 3e38 / 127 times channel scale 1e3 overflows float32; a zero sum must give the
+    # bias, a tiny scale product must keep its precision (the float64 branch of the kernel).
+    K, N = 40, 20
+    x = torch.zeros(3, K)
+    x[0, 0] = 3e38
+    x[1] = torch.randn(K) * 1e-28
+    x[2] = torch.randn(K)
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w_q[:, 0] = 0
+    bias = torch.randn(N)
+    q, s = reference.quantize_per_token(x)
+    for w_scale in (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12):
+        out = int8_matmul_dequant(*(t.to(DEVICE) for t in (q, s, w_q, w_scale, bias)), torch.float32, config=TILES).cpu()
+        ref = reference_from_quantized(q, s, w_q, w_scale, bias)
+        assert torch.equal(out[0], bias)
+        assert_close_to_reference(out[1:], ref[1:], epilogue_magnitude(q, s, w_q, w_scale, bias)[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,9 +58,15 @@ def test_smooth_scale_is_folded_and_divided_out():
         assert torch.nn.functional.cosine_similarity(mod(x).flatten(), lin(x).flatten(), dim=0) > 0.999
         back = mod.to_linear().weight
         assert ((back - lin.weight).abs() <= w_scale[:, None] / s[None, :] / 2 * 1.001 + 1e-7).all()
-    for bad in (-s, torch.full_like(s, float("inf")), s[:-1]):
-        with pytest.raises(ValueError, match="positive and finite"):
+    for bad in (-s, torch.full_like(s, float("inf")), torch.full_like(s, 1e-45), torch.zeros_like(s)):
+        with pytest.raises(ValueError, match=r"smooth_scale\[0\] is .*: smooth scales must be finite and at least"):
             Int8Linear.from_linear(lin, smooth_scale=bad)
+    with pytest.raises(ValueError, match=r"smooth_scale must be a float tensor of shape \(96,\)"):
+        Int8Linear.from_linear(lin, smooth_scale=s[:-1])
+    big = linear()
+    big.weight.data *= 100
+    with pytest.raises(ValueError, match="weight \\* smooth_scale overflows"):
+        Int8Linear.from_linear(big, smooth_scale=torch.full_like(s, 1e38))
 
 
 def test_state_dict_round_trip_is_exact():
@@ -78,13 +84,6 @@ def test_state_dict_round_trip_is_exact():
     assert torch.equal(fresh(x), mod(x))
 
 
-def test_load_rejects_bad_scales():
-    mod = Int8Linear.from_linear(linear())
-    sd = mod.state_dict()
-    sd["weight_scale"] = sd["weight_scale"].clone()
-    sd["weight_scale"][3] = float("inf")
-    with pytest.raises(ValueError, match="finite"):
-        Int8Linear(96, 80).load_state_dict(sd)
 
 
 def test_deepcopy_and_extra_repr():
@@ -117,62 +116,6 @@ def test_meta_device_module():
     assert mod(torch.randn(2, 96, device="meta")).shape == (2, 80)
 
 
-class TinyBlock(nn.Module):
-    """Attention-projection-like and MLP-like linears, nested, plus a non-Linear layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.ModuleDict({"q": nn.Linear(64, 64), "k": nn.Linear(64, 64), "v": nn.Linear(64, 64)})
-        self.mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
-        self.norm = nn.LayerNorm(64)
-        self.head = nn.Linear(64, 10, bias=False)
-
-    def forward(self, x):
-        h = self.attn["q"](x) + self.attn["k"](x) + self.attn["v"](x)
-        return self.head(self.norm(h + self.mlp(h)))
-
-
-def test_patch_model_swaps_every_linear_and_unpatch_reverts():
-    torch.manual_seed(0)
-    model = TinyBlock()
-    x = torch.randn(2, 9, 64)
-    ref = model(x)
-    report = patch_model(model, "int8")
-    assert len(report.layers) == 6
-    assert all(isinstance(m, Int8Linear) for m in [model.attn["q"], model.mlp[0], model.mlp[2], model.head])
-    assert report.bytes_after < report.bytes_before / 3
-    assert "6 layers swapped" in str(report)
-    y = model(x)
-    assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.99
-    unpatch_model(model)
-    assert not any(isinstance(m, Int8Linear) for m in model.modules())
-    assert sum(type(m) is nn.Linear for m in model.modules()) == 6
-    # The reverted layers hold the dequantized weights: float activations again, int8-rounded weights.
-    assert torch.nn.functional.cosine_similarity(model(x).flatten(), ref.flatten(), dim=0) > 0.999
-
-
-def test_patch_model_filter_and_config():
-    model = TinyBlock()
-    report = patch_model(model, torchslim.Int8Config(filter_fn=lambda m, name: name.startswith("mlp")))
-    assert [layer.name for layer in report.layers] == ["mlp.0", "mlp.2"]
-    assert type(model.head) is nn.Linear
-    report = patch_model(TinyBlock(), "int8", filter_fn=lambda m, name: m.out_features == 10)
-    assert [layer.name for layer in report.layers] == ["head"]
-    with pytest.raises(ValueError, match="unknown method"):
-        patch_model(TinyBlock(), "int4")
-
-
-def test_patched_model_state_dict_reloads_into_patched_model():
-    torch.manual_seed(1)
-    a = TinyBlock()
-    patch_model(a, "int8")
-    b = TinyBlock()
-    patch_model(b, "int8")
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(3, 64)
-    assert torch.equal(a(x), b(x))
-
-
 def test_device_move_keeps_the_canonical_layout_off_cpu():
     # Off the CPU the module holds the plain (N, K) weight (what the CUDA kernel reads); the CPU
     # packing is redone when it comes back. "meta" stands in for a GPU here.
@@ -185,32 +128,215 @@ def test_device_move_keeps_the_canonical_layout_off_cpu():
     assert torch.equal(back.canonical_weight(), canonical)
 
 
-def test_patched_model_dtype_conversion_and_compile():
-    torch.manual_seed(2)
-    model = TinyBlock()
-    patch_model(model, "int8")
-    scale = model.mlp[0].weight_scale.clone()
-    model = model.to(torch.bfloat16)  # the bias follows; int8 weights and float32 scales stay
-    assert model.mlp[0].weight.dtype == torch.int8 and model.mlp[0].bias.dtype == torch.bfloat16
-    assert torch.equal(model.mlp[0].weight_scale, scale)
-    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
-    eager = model(x)
-    assert eager.dtype == torch.bfloat16
-    # One graph for the whole patched model; aot_eager keeps the other ops' bf16 rounding as in
-    # eager (inductor would fuse GELU/LayerNorm in float32), so the result must be identical.
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(x), eager)
 
 
-def test_safetensors_round_trip(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
-    torch.manual_seed(3)
-    a = TinyBlock()
-    patch_model(a, "int8")
-    path = tmp_path / "slim.safetensors"
-    safetensors.save_file(a.state_dict(), str(path))
-    b = TinyBlock()
-    patch_model(b, "int8")
-    b.load_state_dict(safetensors.load_file(str(path)))
-    x = torch.randn(4, 64)
-    assert torch.equal(a(x), b(x))
+# ---------------------------------------------------------------------------------------------
+# devices: every argument on x's device, meta included
+# ---------------------------------------------------------------------------------------------
+def test_module_on_meta_refuses_cpu_input():
+    mod = Int8Linear.from_linear(linear()).to("meta")
+    with pytest.raises(RuntimeError, match="int8_linear: w_q must be on cpu like x, got meta"):
+        mod(torch.randn(2, 96))
+    cpu_mod = Int8Linear.from_linear(linear())
+    with pytest.raises(RuntimeError, match="int8_linear_packed: w_scale must be on meta like x, got cpu"):
+        cpu_mod(torch.randn(2, 96, device="meta"))
+
+
+def test_forward_names_the_wrong_input_width():
+    with pytest.raises(RuntimeError, match=r"Int8Linear\(in_features=32\): x must have 32 features in its last "
+                                           r"dimension, got shape \[4, 16\]"):
+        Int8Linear(32, 24)(torch.randn(4, 16))
+    with pytest.raises(RuntimeError, match="got shape \\[\\]"):
+        Int8Linear(32, 24)(torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gradient_matches_the_dequantized_linear(dtype, smooth):
+    # Straight through the activation quantization, the gradient w.r.t. x is that of to_linear().
+    lin = linear(dtype=dtype)
+    s = torch.rand(96) + 0.5 if smooth else None
+    mod = Int8Linear.from_linear(lin, smooth_scale=s)
+    dense = mod.to_linear()
+    x = torch.randn(3, 5, 96).to(dtype)
+    dy = torch.randn(3, 5, 80).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mod(xa).backward(dy)
+    dense(xb).backward(dy)
+    u = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=u, atol=u * float(xb.grad.abs().max()))
+    assert not any(p.requires_grad for p in mod.parameters()) and list(mod.parameters()) == []
+
+
+def test_layers_below_keep_training():
+    torch.manual_seed(4)
+    below = nn.Linear(16, 96)
+    model = nn.Sequential(below, nn.ReLU(), Int8Linear.from_linear(linear()))
+    x = torch.randn(8, 16)
+    model(x).pow(2).sum().backward()
+    assert below.weight.grad is not None and below.weight.grad.abs().sum() > 0
+    # A residual branch around the int8 layer keeps both paths.
+    block = Int8Linear.from_linear(linear(K=32, N=32))
+    h = torch.randn(4, 32, requires_grad=True)
+    (h + block(h)).sum().backward()
+    expected = 1 + torch.ones(4, 32) @ block.to_linear().weight.detach()
+    torch.testing.assert_close(h.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints are checked, not cast
+# ---------------------------------------------------------------------------------------------
+def state_of(mod):
+    return {k: v.clone() for k, v in mod.state_dict().items()}
+
+
+def assert_unchanged(mod, before, x=None):
+    after = mod.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k
+    if x is not None:
+        mod(x)  # still runs
+
+
+def bad_checkpoints(sd):
+    """(label, state_dict, message) of checkpoints Int8Linear must refuse before writing anything."""
+    def edit(**changes):
+        out = dict(sd)
+        out.update(changes)
+        return out
+
+    w = sd["weight"]
+    yield "int32 weight", edit(weight=w.int() + 200), r"weight: expected int8 .* got torch.int32 .* would cast"
+    yield "float weight", edit(weight=w.float() + 0.5), "weight: expected int8"
+    yield "weight shape", edit(weight=w[:-1]), r"weight: expected int8 of shape \(80, 96\)"
+    scale = sd["weight_scale"]
+    for bad in (float("nan"), float("inf")):
+        s = scale.clone()
+        s[3] = bad
+        yield f"{bad} scale", edit(weight_scale=s), f"weight_scale: element 3 is {bad}; it must be finite"
+    yield "float64 scale", edit(weight_scale=scale.double()), "weight_scale: expected float32"
+    yield "int bias", edit(bias=sd["bias"].long()), "bias: expected a float tensor"
+    b = sd["bias"].clone()
+    b[0] = float("nan")
+    yield "NaN bias", edit(bias=b), "bias: element 0 is nan"
+    yield "not a tensor", edit(weight_scale=[1.0] * 80), "weight_scale: expected a tensor"
+    if "smooth_scale" in sd:
+        for bad in (0.0, 1e-45, -1.0):
+            ss = sd["smooth_scale"].clone()
+            ss[5] = bad
+            yield f"smooth {bad}", edit(smooth_scale=ss), r"smooth_scale\[5\] is .*at least"
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("strict", [True, False])
+def test_bad_checkpoints_are_refused_and_change_nothing(strict, assign):
+    good = Int8Linear.from_linear(linear(), smooth_scale=torch.rand(96) + 0.5)
+    x = torch.randn(3, 96)
+    for label, sd, message in bad_checkpoints(good.state_dict()):
+        mod = Int8Linear.from_linear(linear(seed=1), smooth_scale=torch.rand(96) + 0.5)
+        before, y = state_of(mod), mod(x)
+        with pytest.raises(RuntimeError, match=message):
+            mod.load_state_dict(sd, strict=strict, assign=assign)
+        assert_unchanged(mod, before, x)
+        assert torch.equal(mod(x), y), label
+
+
+def test_assign_loads_into_a_meta_module():
+    # The big-model flow: build on meta (no memory), then assign the checkpoint's tensors.
+    src = Int8Linear.from_linear(linear(), smooth_scale=torch.rand(96) + 0.5)
+    mod = Int8Linear(96, 80, smooth=True, device="meta")
+    mod.load_state_dict(src.state_dict(), assign=True)
+    assert mod.weight.device.type == "cpu" and mod.weight.dim() == 1  # packed for the CPU
+    x = torch.randn(4, 96)
+    assert torch.equal(mod(x), src(x))
+
+
+def test_partial_checkpoint_with_strict_false():
+    src = Int8Linear.from_linear(linear())
+    mod = Int8Linear.from_linear(linear(seed=2))
+    sd = {"weight_scale": src.weight_scale.clone()}
+    result = mod.load_state_dict(sd, strict=False)
+    assert set(result.missing_keys) == {"weight", "bias"}
+    assert torch.equal(mod.weight_scale, src.weight_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# conversions leave the module as it was when they fail
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_failed_cuda_move_changes_nothing():
+    mod = Int8Linear.from_linear(linear())
+    before, x = state_of(mod), torch.randn(2, 96)
+    with pytest.raises((RuntimeError, AssertionError)):
+        mod.cuda()
+    assert mod.weight.dim() == 1  # still the packed CPU layout
+    assert_unchanged(mod, before, x)
+
+
+def test_conversion_failing_midway_restores_every_buffer():
+    mod = Int8Linear.from_linear(linear(), smooth_scale=torch.rand(96) + 0.5)
+    before, x = state_of(mod), torch.randn(2, 96)
+    calls = []
+
+    def fails_on_third_tensor(t):
+        calls.append(t)
+        if len(calls) == 4:  # the probe, then weight, weight_scale, bias
+            raise RuntimeError("boom")
+        return t.clone()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        mod._apply(fails_on_third_tensor)
+    assert_unchanged(mod, before, x)
+
+
+def test_dtype_conversion_of_the_int8_weight_is_refused():
+    mod = Int8Linear.from_linear(linear())
+    before = state_of(mod)
+    with pytest.raises(TypeError, match="would turn the int8 weight into torch.float64"):
+        mod.type(torch.float64)
+    assert_unchanged(mod, before, torch.randn(2, 96))
+
+
+def test_share_memory_shares_the_packed_weight():
+    mod = Int8Linear.from_linear(linear())
+    x = torch.randn(2, 96)
+    y = mod(x)
+    mod.share_memory()
+    assert mod.weight.is_shared() and mod.weight_scale.is_shared() and mod.bias.is_shared()
+    assert mod.weight.dim() == 1 and torch.equal(mod(x), y)
+
+
+def test_to_empty_from_meta():
+    mod = Int8Linear(96, 80, device="meta").to_empty(device="cpu")
+    assert mod.weight.dim() == 1
+    mod.load_state_dict(Int8Linear.from_linear(linear()).state_dict())
+    assert mod(torch.randn(2, 96)).shape == (2, 80)
+
+
+# ---------------------------------------------------------------------------------------------
+# construction: clear errors, edge sizes
+# ---------------------------------------------------------------------------------------------
+def test_zero_input_features_give_the_bias():
+    lin = nn.Linear(0, 4)
+    mod = Int8Linear.from_linear(lin)
+    assert torch.equal(mod(torch.randn(3, 0)), lin.bias.detach().expand(3, 4))
+    assert Int8Linear.from_linear(nn.Linear(5, 0))(torch.randn(2, 5)).shape == (2, 0)
+
+
+def test_layers_too_wide_for_int32_are_refused_up_front():
+    with pytest.raises(ValueError, match="in_features=65537 exceeds 65536"):
+        Int8Linear.from_linear(nn.Linear(65537, 1, device="meta"))
+    with pytest.raises(ValueError, match="in_features must be a non-negative int"):
+        Int8Linear(-1, 4)
+    with pytest.raises(TypeError, match="expects an nn.Linear, got Conv1d"):
+        Int8Linear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_from_linear_on_meta_builds_a_meta_module():
+    mod = Int8Linear.from_linear(nn.Linear(96, 80, device="meta"), smooth_scale=torch.ones(96, device="meta"))
+    assert mod.weight.is_meta and mod.weight.shape == (80, 96) and mod.smooth_scale.is_meta
+    assert mod(torch.randn(2, 96, device="meta")).shape == (2, 80)

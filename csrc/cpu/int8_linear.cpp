@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "cpu/kernels/int8_gemm.h"
 
@@ -14,6 +16,8 @@ namespace {
 using cpu::Dtype;
 using cpu::Isa;
 
+// The largest K whose int32 sums cannot overflow: |q| <= 127 times the u8 weights (w + 128 <= 255)
+// gives at most 32385 per k, and 65536 * 32385 < 2**31. Int8Linear refuses wider layers up front.
 constexpr int64_t kMaxK = 65536;
 
 Dtype float_dtype(const at::Tensor& t, const char* op) {
@@ -35,7 +39,7 @@ void check_x(const at::Tensor& x, const char* op) {
 // Checks w_scale and bias against N and returns bias as contiguous float32 (or undefined).
 at::Tensor check_scale_and_bias(const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                                 int64_t N, const char* op) {
-  TORCH_CHECK(w_scale.device().is_cpu(), op, ": w_scale must be on the CPU like x");
+  TORCH_CHECK(w_scale.device().is_cpu(), op, ": w_scale must be on cpu like x, got ", w_scale.device());
   TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N,
               ",), got ", w_scale.sizes());
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ",
@@ -46,23 +50,23 @@ at::Tensor check_scale_and_bias(const at::Tensor& w_scale, const std::optional<a
     TORCH_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
   if (!bias.has_value()) return {};
   const at::Tensor& b = *bias;
-  TORCH_CHECK(b.device().is_cpu(), op, ": bias must be on the CPU like x");
+  TORCH_CHECK(b.device().is_cpu(), op, ": bias must be on cpu like x, got ", b.device());
   TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", b.sizes());
   TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
   return b.to(at::kFloat).contiguous();
 }
 
 void check_weight_q(const at::Tensor& w_q, const char* op) {
-  TORCH_CHECK(w_q.device().is_cpu(), op, ": w_q must be on the CPU");
+  TORCH_CHECK(w_q.device().is_cpu(), op, ": w_q must be on cpu like x, got ", w_q.device());
   TORCH_CHECK(w_q.dim() == 2, op, ": w_q must be 2-D (N, K), got shape ", w_q.sizes());
   TORCH_CHECK(w_q.scalar_type() == at::kChar, op, ": w_q must be int8, got ", w_q.scalar_type());
   TORCH_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
 }
 
 cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& q, at::Tensor& scale,
-                                bool offset128) {
+                                int32_t* row_sum) {
   return {x.data_ptr(), x.size(1), float_dtype(x, "quantize"), x.size(1), K_pad,
-          q.data_ptr<int8_t>(), q.size(1), scale.data_ptr<float>(), offset128};
+          q.data_ptr<int8_t>(), q.size(1), scale.data_ptr<float>(), row_sum};
 }
 
 void quantize_chunk(const cpu::QuantizeArgs& qa, int64_t m0, int64_t m1, Isa isa) {
@@ -84,46 +88,76 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M > 0) quantize_rows(quantize_args(x, K, q, scale, false), M, cpu::active_isa());
+  if (M > 0) quantize_rows(quantize_args(x, K, q, scale, nullptr), M, cpu::active_isa());
   return {q, scale};
 }
 
 at::Tensor pack_weight_cpu(const at::Tensor& w_q) {
   check_weight_q(w_q, "int8_pack_weight");
   const int64_t N = w_q.size(0), K = w_q.size(1);
-  const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
-  at::Tensor packed = at::empty({NB, cpu::block_bytes(cpu::round_up(K, cpu::kPadK))}, w_q.options());
+  at::Tensor packed = at::empty({cpu::packed_bytes(N, K)}, w_q.options());
   cpu::pack_weight(w_q.data_ptr<int8_t>(), N, K, packed.data_ptr<int8_t>());
   return packed;
 }
 
+// The packed layout is self-describing: its header must name exactly this N and K (so a weight
+// packed for another shape, or bytes that never came from int8_pack_weight, are refused), and its
+// size must be the one they imply (so no kernel can read past it).
 void check_packed(const at::Tensor& w_packed, int64_t N, int64_t K, const char* op) {
-  TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on the CPU");
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.is_contiguous(), op,
-              ": w_packed must be a contiguous int8 tensor from int8_pack_weight");
-  const int64_t NB = cpu::round_up(N, cpu::kBlockN) / cpu::kBlockN;
-  const int64_t bb = cpu::block_bytes(cpu::round_up(K, cpu::kPadK));
-  TORCH_CHECK(w_packed.dim() == 2 && w_packed.size(0) == NB && w_packed.size(1) == bb, op,
-              ": w_packed has shape ", w_packed.sizes(), " but a packed (N=", N, ", K=", K,
-              ") weight has shape [", NB, ", ", bb, "]");
+  TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on cpu like x, got ", w_packed.device());
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 && w_packed.is_contiguous(), op,
+              ": w_packed must be the contiguous 1-D int8 tensor int8_pack_weight returns, got ",
+              w_packed.scalar_type(), " of shape ", w_packed.sizes());
+  const int64_t expected = cpu::packed_bytes(N, K);
+  TORCH_CHECK(w_packed.numel() >= cpu::kHeaderBytes, op, ": w_packed holds ", w_packed.numel(),
+              " bytes, less than its ", cpu::kHeaderBytes, "-byte header");
+  cpu::PackedHeader h;
+  std::memcpy(&h, w_packed.data_ptr<int8_t>(), sizeof(h));
+  TORCH_CHECK(std::memcmp(h.magic, cpu::kPackedMagic, sizeof(h.magic)) == 0 && h.version == cpu::kPackedVersion &&
+                  h.block_n == cpu::kBlockN, op,
+              ": w_packed has no valid header (not made by int8_pack_weight of this torchslim version)");
+  TORCH_CHECK(h.N == N && h.K == K, op, ": w_packed was packed for a (N=", h.N, ", K=", h.K,
+              ") weight, but the call needs (N=", N, ", K=", K, ")");
+  TORCH_CHECK(w_packed.numel() == expected, op, ": w_packed holds ", w_packed.numel(),
+              " bytes, but a packed (N=", N, ", K=", K, ") weight holds ", expected);
 }
 
 at::Tensor unpack_weight_cpu(const at::Tensor& w_packed, int64_t N, int64_t K) {
-  check_packed(w_packed, N, K, "int8_unpack_weight");
+  const char* op = "int8_unpack_weight";
+  TORCH_CHECK(N >= 0 && K >= 0, op, ": N and K must be non-negative, got N=", N, ", K=", K);
+  check_packed(w_packed, N, K, op);
   at::Tensor w = at::empty({N, K}, w_packed.options());
   cpu::unpack_weight(w_packed.data_ptr<int8_t>(), N, K, w.data_ptr<int8_t>());
   return w;
 }
 
-at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                  const std::optional<at::Tensor>& bias) {
-  const char* op = "int8_linear";
+// The range of row scales whose product with every non-zero |w_scale[n]| is a normal float32
+// (GemmArgs::a_scale_lo/hi): rows outside it take the double-precision epilogue.
+std::pair<double, double> safe_row_scales(const at::Tensor& w_scale) {
+  double lo = 0, hi = std::numeric_limits<double>::infinity();
+  const float* s = w_scale.data_ptr<float>();
+  for (int64_t n = 0; n < w_scale.numel(); ++n) {
+    const double a = std::fabs(double(s[n]));
+    if (a == 0) continue;
+    lo = std::max(lo, double(std::numeric_limits<float>::min()) / a);
+    hi = std::min(hi, double(std::numeric_limits<float>::max()) / a);
+  }
+  return {lo, hi};
+}
+
+at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                   const std::optional<at::Tensor>& bias, const char* op) {
   check_x(x, op);
-  const int64_t M = x.size(0), K = x.size(1), N = w_scale.dim() == 1 ? w_scale.size(0) : -1;
+  TORCH_CHECK(w_scale.dim() == 1, op, ": w_scale must be 1-D (N,), got shape ", w_scale.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w_scale.size(0);
   const at::Tensor bias_f32 = check_scale_and_bias(w_scale, bias, N, op);
   check_packed(w_packed, N, K, op);
-  // The AVX-512 VNNI path sums (q + 128) * w <= 255 * 128 per k in int32.
   TORCH_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
+  if (K == 0) {  // an empty sum: every row is the bias (the kernels assume at least one k step)
+    at::Tensor out = at::zeros({M, N}, x.options());
+    if (bias_f32.defined()) out.copy_(bias_f32.expand({M, N}));
+    return out;
+  }
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
@@ -135,16 +169,16 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   // AMX loads activation tiles of 32 rows: pad with rows of zeros (their outputs are not written).
   const int64_t M_pad = isa == Isa::Amx ? cpu::round_up(M, 32) : M;
   at::Tensor q = at::empty({M_pad, K_pad}, x.options().dtype(at::kChar));
-  at::Tensor a_scale = at::empty({M_pad}, x.options().dtype(at::kFloat));
+  at::Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor a_sum = at::empty({M}, x.options().dtype(at::kInt));
   if (M_pad > M) q.narrow(0, M, M_pad - M).zero_();
-  // The vpdpbusd kernels take unsigned activations q + 128 (AMX and the others take q).
-  const bool offset128 = isa == Isa::Avx512Vnni || isa == Isa::AvxVnni;
-  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, offset128);
+  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, a_sum.data_ptr<int32_t>());
 
-  const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale.data_ptr<float>(),
-                        w_packed.data_ptr<int8_t>(), w_scale.data_ptr<float>(),
+  const auto [lo, hi] = safe_row_scales(w_scale);
+  const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale.data_ptr<float>(), a_sum.data_ptr<int32_t>(),
+                        w_packed.data_ptr<int8_t>() + cpu::kHeaderBytes, w_scale.data_ptr<float>(),
                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
-                        out.data_ptr(), N, float_dtype(x, op), M, N, K_pad};
+                        out.data_ptr(), N, float_dtype(x, op), M, N, K_pad, lo, hi};
   auto* tile = isa == Isa::Amx ? cpu::gemm_tile_amx
              : isa == Isa::Avx512Vnni ? cpu::gemm_tile_avx512
              : isa == Isa::AvxVnni ? cpu::gemm_tile_avxvnni
@@ -188,13 +222,19 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   return out;
 }
 
+at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias) {
+  return int8_linear_packed_impl(x, w_packed, w_scale, bias, "int8_linear_packed");
+}
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias) {
-  check_x(x, "int8_linear");
-  check_weight_q(w_q, "int8_linear");
-  TORCH_CHECK(w_q.size(1) == x.size(1), "int8_linear: x has K=", x.size(1), " but w_q has K=", w_q.size(1));
-  check_scale_and_bias(w_scale, bias, w_q.size(0), "int8_linear");
-  return int8_linear_packed_cpu(x, pack_weight_cpu(w_q), w_scale, bias);
+  const char* op = "int8_linear";
+  check_x(x, op);
+  check_weight_q(w_q, op);
+  TORCH_CHECK(w_q.size(1) == x.size(1), op, ": x has K=", x.size(1), " but w_q has K=", w_q.size(1));
+  check_scale_and_bias(w_scale, bias, w_q.size(0), op);
+  return int8_linear_packed_impl(x, pack_weight_cpu(w_q), w_scale, bias, op);
 }
 
 }  // namespace

@@ -16,6 +16,31 @@ __version__ = _C.__version__
 set_cpu_isa = _C.set_cpu_isa
 cpu_isa = _C.cpu_isa
 
+
+def _apply_cpu_isa_env() -> None:
+    # TORCHSLIM_CPU_ISA picks the CPU kernel path (tests, comparisons). A name that is not an ISA
+    # is an error; an ISA this CPU lacks is reported and the best one is kept, so a run meant for
+    # one kernel path never silently measures or tests another.
+    import os
+    import warnings
+
+    wanted = os.environ.get("TORCHSLIM_CPU_ISA", "").strip()
+    if not wanted:
+        return
+    known = _C.known_cpu_isas()
+    if wanted.lower() not in known:
+        raise ValueError(f"TORCHSLIM_CPU_ISA={wanted!r} is not an instruction set torchslim knows: "
+                         f"{', '.join(known)} (case-insensitive)")
+    if wanted.lower() not in _C.supported_cpu_isas():
+        warnings.warn(f"TORCHSLIM_CPU_ISA={wanted!r}: this CPU does not support it; the int8 kernels use "
+                      f"{_C.cpu_isa()!r} (supported: {', '.join(_C.supported_cpu_isas())})",
+                      RuntimeWarning, stacklevel=3)
+        return
+    _C.set_cpu_isa(wanted)
+
+
+_apply_cpu_isa_env()
+
 __all__ = [
     "Int8Config",
     "Int8Linear",

@@ -15,79 +15,45 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .ops import _FLOATS
+from .ops import _FLOATS, check_int8_linear_args, check_int8_linear_packed_args
 
-# Largest K whose int32 sum of products of values in [-127, 127] cannot overflow (the kernel
-# module holds the same constant; repeated here so checking needs no Triton import).
-_MAX_K = (2**31 - 1) // (127 * 127)
+# w_scale tensors already checked, with the (version, data_ptr) they had then and what the check
+# found: finite values, and the range of row scales the float32 epilogue handles exactly
+# (safe_row_scale_range). Both read the tensor back to the host, a device sync; weights do not
+# change between calls, so the sync happens once per weight instead of once per forward (which
+# would also stall the CPU behind the GPU and forbid CUDA-graph capture of every later call).
+_scale_facts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Where nothing is known (first call inside a CUDA-graph capture): every non-zero row scale takes
+# the float64 epilogue, which is exact for all.
+_UNKNOWN_RANGE = (float("inf"), 0.0)
 
-# w_scale tensors already seen to be finite, with the (version, data_ptr) they had then. Checking
-# finiteness reads the tensor back to the host, a device sync; weights do not change between
-# calls, so the sync happens once per weight instead of once per forward (which would also stall
-# the CPU behind the GPU and forbid CUDA-graph capture of every later call).
-_finite_scales: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-
-def _check_finite_scale(w_scale: Tensor, op: str) -> None:
+def _checked_scale_range(w_scale: Tensor, op: str) -> tuple[float, float]:
     # Inference tensors have no version counter; their storage address is the stamp then.
     stamp = (None if w_scale.is_inference() else w_scale._version, w_scale.data_ptr())
-    if _finite_scales.get(w_scale) == stamp:
-        return
+    known = _scale_facts.get(w_scale)
+    if known is not None and known[0] == stamp:
+        return known[1]
     if w_scale.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A host read is illegal during capture. This is a value check, not a memory-safety one:
-        # a non-finite scale only makes its output column non-finite. Run the op once before
-        # capturing (the usual warm-up) to have the check done.
-        return
+        # A host read is illegal during capture. The finite check is a value check, not a
+        # memory-safety one: a non-finite scale only makes its output column non-finite. Run the
+        # op once before capturing (the usual warm-up) to have it done.
+        return _UNKNOWN_RANGE
     bad = ~torch.isfinite(w_scale)
     if bool(bad.any()):
         n = int(bad.nonzero()[0, 0])
         raise RuntimeError(f"{op}: w_scale[{n}] is {w_scale[n].item()}; scales must be finite")
-    _finite_scales[w_scale] = stamp
+    from torchslim.triton_kernels.int8_linear import safe_row_scale_range
 
-
-def _check_int8_linear_args(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
-    # The same checks, in the same words, as the CPU op (csrc/cpu/int8_linear.cpp).
-    op = "int8_linear"
-    if x.dim() != 2:
-        raise RuntimeError(f"{op}: x must be 2-D (M, K), got shape {list(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise RuntimeError(f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if not x.is_contiguous():
-        raise RuntimeError(f"{op}: x must be contiguous")
-    if w_q.device != x.device:
-        raise RuntimeError(f"{op}: w_q must be on {x.device} like x, got {w_q.device}")
-    if w_q.dim() != 2:
-        raise RuntimeError(f"{op}: w_q must be 2-D (N, K), got shape {list(w_q.shape)}")
-    if w_q.dtype != torch.int8:
-        raise RuntimeError(f"{op}: w_q must be int8, got {w_q.dtype}")
-    if not w_q.is_contiguous():
-        raise RuntimeError(f"{op}: w_q must be contiguous")
-    if w_q.shape[1] != x.shape[1]:
-        raise RuntimeError(f"{op}: x has K={x.shape[1]} but w_q has K={w_q.shape[1]}")
-    N = w_q.shape[0]
-    if w_scale.device != x.device:
-        raise RuntimeError(f"{op}: w_scale must be on {x.device} like x, got {w_scale.device}")
-    if w_scale.dim() != 1 or w_scale.shape[0] != N:
-        raise RuntimeError(f"{op}: w_scale must have shape ({N},), got {list(w_scale.shape)}")
-    if w_scale.dtype != torch.float32:
-        raise RuntimeError(f"{op}: w_scale must be float32, got {w_scale.dtype}")
-    if not w_scale.is_contiguous():
-        raise RuntimeError(f"{op}: w_scale must be contiguous")
-    if bias is not None:
-        if bias.device != x.device:
-            raise RuntimeError(f"{op}: bias must be on {x.device} like x, got {bias.device}")
-        if bias.dim() != 1 or bias.shape[0] != N:
-            raise RuntimeError(f"{op}: bias must have shape ({N},), got {list(bias.shape)}")
-        if not bias.is_floating_point():
-            raise RuntimeError(f"{op}: bias must be floating point, got {bias.dtype}")
-    if x.shape[1] > _MAX_K:
-        raise RuntimeError(f"{op}: K={x.shape[1]} exceeds {_MAX_K}, beyond which the int32 accumulator "
-                           "of the CUDA kernel can overflow")
-    _check_finite_scale(w_scale, op)
+    facts = safe_row_scale_range(w_scale)
+    _scale_facts[w_scale] = (stamp, facts)
+    return facts
 
 
 def _int8_linear_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    _check_int8_linear_args(x, w_q, w_scale, bias)
+    # The same checks, in the same words, as the CPU op (csrc/cpu/int8_linear.cpp) and the fake.
+    check_int8_linear_args(x, w_q, w_scale, bias)
+    scale_range = _checked_scale_range(w_scale, "int8_linear")
     M, N = x.shape[0], w_q.shape[0]
     if M == 0 or N == 0:
         return x.new_empty((M, N))
@@ -98,7 +64,7 @@ def _int8_linear_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | No
     q, x_scale = torch.ops.torchslim.quantize_per_token.default(x)
     from torchslim.triton_kernels.int8_linear import int8_matmul_dequant
 
-    return int8_matmul_dequant(q, x_scale, w_q, w_scale, bias, x.dtype)
+    return int8_matmul_dequant(q, x_scale, w_q, w_scale, bias, x.dtype, a_scale_range=scale_range)
 
 
 def triton_available() -> bool:
@@ -111,3 +77,13 @@ if triton_available():
     # torch.library.impl, wraps the kernel in torch._disable_dynamo: Dynamo keeps the op opaque
     # (it has a fake in ops.py) and never tries to trace the Triton launcher.
     torch.library.register_kernel("torchslim::int8_linear", "cuda", _int8_linear_cuda)
+
+
+def _int8_linear_packed_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    # Reached when any argument is a CUDA tensor: name the mixed devices, or the missing kernel.
+    check_int8_linear_packed_args(x, w_packed, w_scale, bias)
+    raise RuntimeError("int8_linear_packed: the packed layout is the CPU kernels'; on cuda call int8_linear "
+                       "with the (N, K) int8 weight (Int8Linear does this by itself)")
+
+
+torch.library.register_kernel("torchslim::int8_linear_packed", "cuda", _int8_linear_packed_cuda)

@@ -1,19 +1,99 @@
 """Typed wrappers of the ``torch.ops.torchslim`` ops, each with its fake (meta) implementation
-right under it. The schemas live in csrc/ops.cpp; the reference of every op is in reference.py.
+and its autograd formula right under it. The schemas live in csrc/ops.cpp; the reference of every
+op is in reference.py.
+
+The argument checks here are the Python twin of the C++ checks (csrc/cpu/int8_linear.cpp), in the
+same words. The fakes run them, so a call that mixes devices (meta included) fails as it would on
+a real device instead of returning an uninitialized tensor; the Triton (CUDA) implementations run
+them too, before their value checks.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .formats.int8 import packed_shape
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
+# The largest K of the int8 ops on every device: the CPU kernels' int32 sums of q * (w + 128)
+# stay exact up to here (|q| <= 127, w + 128 <= 255: 65536 * 32385 < 2**31).
+MAX_K = 65536
 
-def _check_x(x: Tensor, op: str) -> None:
-    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    torch._check(x.dtype in _FLOATS, lambda: f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+
+# ---------------------------------------------------------------------------------------------
+# argument checks shared by the fakes and the Triton implementations
+# ---------------------------------------------------------------------------------------------
+def _check(cond, message) -> None:
+    # torch._check raises RuntimeError(message()) like TORCH_CHECK, and under symbolic shapes it
+    # records a runtime assertion instead of specializing the graph on the shape.
+    torch._check(cond, message)
 
 
+def check_x(x: Tensor, op: str) -> None:
+    _check(x.dim() == 2, lambda: f"{op}: x must be 2-D (M, K), got shape {list(x.shape)}")
+    _check(x.dtype in _FLOATS, lambda: f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    _check(x.is_contiguous(), lambda: f"{op}: x must be contiguous")
+
+
+def _check_device(t: Tensor, name: str, x: Tensor, op: str) -> None:
+    _check(t.device == x.device, lambda: f"{op}: {name} must be on {x.device} like x, got {t.device}")
+
+
+def _check_scale_and_bias(x: Tensor, w_scale: Tensor, bias: Tensor | None, N, op: str) -> None:
+    _check_device(w_scale, "w_scale", x, op)
+    _check(w_scale.dim() == 1 and w_scale.shape[0] == N,
+           lambda: f"{op}: w_scale must have shape ({N},), got {list(w_scale.shape)}")
+    _check(w_scale.dtype == torch.float32, lambda: f"{op}: w_scale must be float32, got {w_scale.dtype}")
+    _check(w_scale.is_contiguous(), lambda: f"{op}: w_scale must be contiguous")
+    if bias is not None:
+        _check_device(bias, "bias", x, op)
+        _check(bias.dim() == 1 and bias.shape[0] == N, lambda: f"{op}: bias must have shape ({N},), got {list(bias.shape)}")
+        _check(bias.is_floating_point(), lambda: f"{op}: bias must be floating point, got {bias.dtype}")
+
+
+def _check_k(K, op: str) -> None:
+    _check(K <= MAX_K, lambda: f"{op}: K={K} exceeds {MAX_K}, beyond which the int32 accumulator can overflow")
+
+
+def check_int8_linear_args(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    """Shapes, dtypes, devices and layouts of int8_linear's arguments (not the scales' values)."""
+    op = "int8_linear"
+    check_x(x, op)
+    _check_device(w_q, "w_q", x, op)
+    _check(w_q.dim() == 2, lambda: f"{op}: w_q must be 2-D (N, K), got shape {list(w_q.shape)}")
+    _check(w_q.dtype == torch.int8, lambda: f"{op}: w_q must be int8, got {w_q.dtype}")
+    _check(w_q.is_contiguous(), lambda: f"{op}: w_q must be contiguous")
+    _check(w_q.shape[1] == x.shape[1], lambda: f"{op}: x has K={x.shape[1]} but w_q has K={w_q.shape[1]}")
+    _check_scale_and_bias(x, w_scale, bias, w_q.shape[0], op)
+    _check_k(x.shape[1], op)
+
+
+def check_int8_linear_packed_args(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+    """int8_linear_packed's arguments, as far as shapes tell: the C++ op also reads the header."""
+    op = "int8_linear_packed"
+    check_x(x, op)
+    _check(w_scale.dim() == 1, lambda: f"{op}: w_scale must be 1-D (N,), got shape {list(w_scale.shape)}")
+    N, K = w_scale.shape[0], x.shape[1]
+    _check_scale_and_bias(x, w_scale, bias, N, op)
+    _check_packed(w_packed, N, K, x, op)
+    _check_k(K, op)
+
+
+def _check_packed(w_packed: Tensor, N, K, x: Tensor | None, op: str) -> None:
+    if x is not None:
+        _check_device(w_packed, "w_packed", x, op)
+    _check(w_packed.dtype == torch.int8 and w_packed.dim() == 1 and w_packed.is_contiguous(),
+           lambda: f"{op}: w_packed must be the contiguous 1-D int8 tensor int8_pack_weight returns, "
+                   f"got {w_packed.dtype} of shape {list(w_packed.shape)}")
+    expected = packed_shape(N, K)[0]
+    _check(w_packed.shape[0] == expected,
+           lambda: f"{op}: w_packed holds {w_packed.shape[0]} bytes, but a packed (N={N}, K={K}) weight holds {expected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_per_token
+# ---------------------------------------------------------------------------------------------
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row INT8 quantization.
 
@@ -22,70 +102,142 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     scale = absmax / 127 and q = round_half_even(x * (127 / absmax)). A row of zeros gets scale 0
     (so does a row whose absmax is below 127 / FLT_MAX ~ 3.7e-37, where 127 / absmax overflows);
     a row holding NaN or Inf gets scale NaN and q = 0.
+    Differentiable w.r.t. x through scale (q is integer): d scale / dx is that of absmax / 127,
+    shared evenly between tied maxima, and 0 on the rows whose scale is fixed (0 or NaN).
     """
     return torch.ops.torchslim.quantize_per_token.default(x)
 
 
 @torch.library.register_fake("torchslim::quantize_per_token")
 def _(x: Tensor) -> tuple[Tensor, Tensor]:
-    _check_x(x, "quantize_per_token")
+    check_x(x, "quantize_per_token")
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
 
 
+def _quantize_per_token_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _quantize_per_token_backward(ctx, grad_q, grad_scale):
+    x, scale = ctx.saved_tensors
+    a = x.float().abs()
+    ties = a == a.amax(dim=1, keepdim=True)
+    share = ties / ties.sum(dim=1, keepdim=True).clamp_min(1)
+    live = (scale > 0)[:, None]  # zero and NaN scales are constants of x
+    grad_x = torch.where(live, grad_scale[:, None] / 127 * torch.sign(x.float()) * share, 0.0)
+    return grad_x.to(x.dtype)
+
+
+torch.library.register_autograd("torchslim::quantize_per_token", _quantize_per_token_backward,
+                                setup_context=_quantize_per_token_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU packed weight
+# ---------------------------------------------------------------------------------------------
 def int8_pack_weight(w_q: Tensor) -> Tensor:
-    """Packs w_q: (N, K) int8 into the CPU kernels' layout (see formats/int8.py): an int8 tensor of
-    shape (ceil(N / 16), 16 * round_up(K, 64) + 64)."""
+    """Packs w_q: (N, K) int8 into the CPU kernels' layout (formats/int8.py): a 1-D int8 tensor of
+    packed_shape(N, K) whose header records N and K."""
     return torch.ops.torchslim.int8_pack_weight.default(w_q)
 
 
 @torch.library.register_fake("torchslim::int8_pack_weight")
 def _(w_q: Tensor) -> Tensor:
-    from .formats.int8 import packed_shape
-
-    torch._check(w_q.dim() == 2 and w_q.dtype == torch.int8, lambda: "int8_pack_weight: w_q must be (N, K) int8")
+    op = "int8_pack_weight"
+    _check(w_q.dim() == 2, lambda: f"{op}: w_q must be 2-D (N, K), got shape {list(w_q.shape)}")
+    _check(w_q.dtype == torch.int8, lambda: f"{op}: w_q must be int8, got {w_q.dtype}")
+    _check(w_q.is_contiguous(), lambda: f"{op}: w_q must be contiguous")
     return w_q.new_empty(packed_shape(w_q.shape[0], w_q.shape[1]))
 
 
 def int8_unpack_weight(w_packed: Tensor, N: int, K: int) -> Tensor:
-    """Inverse of int8_pack_weight: returns the (N, K) int8 weight."""
+    """Inverse of int8_pack_weight: the (N, K) int8 weight. N and K must be those in the header."""
     return torch.ops.torchslim.int8_unpack_weight.default(w_packed, N, K)
 
 
 @torch.library.register_fake("torchslim::int8_unpack_weight")
 def _(w_packed: Tensor, N: int, K: int) -> Tensor:
+    op = "int8_unpack_weight"
+    _check(N >= 0 and K >= 0, lambda: f"{op}: N and K must be non-negative, got N={N}, K={K}")
+    _check_packed(w_packed, N, K, None, op)
     return w_packed.new_empty((N, K))
 
 
+# ---------------------------------------------------------------------------------------------
+# int8_linear and int8_linear_packed
+# ---------------------------------------------------------------------------------------------
 def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """W8A8 linear: ``quantize_per_token(x) @ w_q.T`` accumulated in int32, then scaled by the
     activation and weight scales, plus bias, cast to x.dtype -- all fused in one kernel.
 
-    x: (M, K) float32|bfloat16|float16, contiguous; w_q: (N, K) int8; w_scale: (N,) float32
-    (finite); bias: (N,) floating point or None. Returns (M, N) in x.dtype.
+    x: (M, K) float32|bfloat16|float16, contiguous, K <= 65536; w_q: (N, K) int8; w_scale: (N,)
+    float32 (finite); bias: (N,) floating point or None; all on x's device. Returns (M, N) in x.dtype.
     On CPU this packs w_q on every call: modules use int8_linear_packed with a weight packed once.
+    Differentiable w.r.t. x (straight through the activation quantization: the gradient of
+    x @ (w_q * w_scale[:, None]).T) and bias; w_q and w_scale are frozen.
     """
     return torch.ops.torchslim.int8_linear.default(x, w_q, w_scale, bias)
 
 
 @torch.library.register_fake("torchslim::int8_linear")
 def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    _check_x(x, "int8_linear")
-    torch._check(w_q.dim() == 2 and w_q.dtype == torch.int8, lambda: "int8_linear: w_q must be (N, K) int8")
-    torch._check(w_q.shape[1] == x.shape[1], lambda: f"int8_linear: x has K={x.shape[1]}, w_q has K={w_q.shape[1]}")
+    check_int8_linear_args(x, w_q, w_scale, bias)
     return x.new_empty((x.shape[0], w_q.shape[0]))
 
 
 def int8_linear_packed(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """int8_linear with the weight from int8_pack_weight (CPU). N is w_scale's length.
+    """int8_linear with the weight from int8_pack_weight (CPU only). N is w_scale's length; the
+    packed weight's header must say this N and x's K.
 
     x: (M, K) float32|bfloat16|float16; w_packed: int8 of shape packed_shape(N, K);
-    w_scale: (N,) float32; bias: (N,) or None. Returns (M, N) in x.dtype.
+    w_scale: (N,) float32; bias: (N,) or None. Returns (M, N) in x.dtype. Differentiable as int8_linear.
     """
     return torch.ops.torchslim.int8_linear_packed.default(x, w_packed, w_scale, bias)
 
 
 @torch.library.register_fake("torchslim::int8_linear_packed")
 def _(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    _check_x(x, "int8_linear_packed")
-    torch._check(w_scale.dim() == 1, lambda: "int8_linear_packed: w_scale must be 1-D (N,)")
+    check_int8_linear_packed_args(x, w_packed, w_scale, bias)
     return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, w_scale, bias = inputs
+    ctx.save_for_backward(weight, w_scale)
+    ctx.x_dtype = x.dtype
+    ctx.K = x.shape[1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_grads(ctx, grad: Tensor, w_q_of, op: str):
+    """(dx, None, None, dbias) of y = quantize(x) @ (w_q * w_scale).T + bias, straight through the
+    quantization. The dequantized weight only exists inside this call, in x's dtype (exact for the
+    int8 values): nothing is kept between calls."""
+    # The dispatcher drops a bias left at its default (None): 3 inputs then, and 3 gradients.
+    needs = ctx.needs_input_grad
+    need_x, need_scale, need_bias = needs[0], needs[2], len(needs) > 3 and needs[3]
+    if need_scale:
+        raise RuntimeError(f"{op}: w_scale requires grad, but int8 weights and their scales are frozen: "
+                           "this op has no gradient for them (call w_scale.requires_grad_(False))")
+    weight, w_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if need_x:
+        g = (grad.float() * w_scale).to(ctx.x_dtype)
+        grad_x = g @ w_q_of(weight, w_scale).to(ctx.x_dtype)
+    if need_bias:
+        grad_bias = grad.float().sum(dim=0).to(ctx.bias_dtype)
+    return (grad_x, None, None, grad_bias)[:len(needs)]
+
+
+def _int8_linear_backward(ctx, grad):
+    return _linear_grads(ctx, grad, lambda w_q, w_scale: w_q, "int8_linear")
+
+
+def _int8_linear_packed_backward(ctx, grad):
+    return _linear_grads(ctx, grad, lambda w_packed, w_scale: int8_unpack_weight(w_packed, w_scale.shape[0], ctx.K),
+                         "int8_linear_packed")
+
+
+torch.library.register_autograd("torchslim::int8_linear", _int8_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("torchslim::int8_linear_packed", _int8_linear_packed_backward,
+                                setup_context=_linear_setup)

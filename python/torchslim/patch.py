@@ -34,6 +34,7 @@ class Int8Config:
 
 
 _SHORTCUTS = {"int8": Int8Config}
+_CONFIG_TYPES = (Int8Config,)
 
 
 @dataclass
@@ -43,11 +44,12 @@ class PatchedLayer:
     out_features: int
     bytes_before: int
     bytes_after: int
+    aliases: tuple[str, ...] = ()  # other names of the same (shared) layer, swapped alike
 
 
 @dataclass
 class PatchReport:
-    """What patch_model swapped, with weight bytes before and after."""
+    """What patch_model swapped, with weight bytes before and after (a shared layer counts once)."""
 
     method: str
     layers: list[PatchedLayer] = field(default_factory=list)
@@ -63,7 +65,9 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [f"torchslim {self.method}: {len(self.layers)} layers swapped, "
                  f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"]
-        lines += [f"  {layer.name}: {layer.in_features} -> {layer.out_features}" for layer in self.layers]
+        for layer in self.layers:
+            shared = f" (also {', '.join(layer.aliases)})" if layer.aliases else ""
+            lines.append(f"  {layer.name}: {layer.in_features} -> {layer.out_features}{shared}")
         return "\n".join(lines)
 
 
@@ -72,33 +76,82 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _resolve_config(config) -> Int8Config:
+    if isinstance(config, str):
+        if config not in _SHORTCUTS:
+            raise ValueError(f"unknown method {config!r}; known: {sorted(_SHORTCUTS)}")
+        return _SHORTCUTS[config]()
+    if not isinstance(config, _CONFIG_TYPES):
+        raise TypeError(f"patch_model: config must be one of {sorted(_SHORTCUTS)} or a config "
+                        f"({', '.join(t.__name__ for t in _CONFIG_TYPES)}), got {config!r}")
+    return config
+
+
+def _sites(model: nn.Module, wanted, caller: str) -> dict[int, tuple[nn.Module, list[str]]]:
+    """Every module of model that wanted(module) accepts, with all the names it is reachable under
+    (a layer shared by several parents, or twice by one, has several), in model order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
+    if wanted(model):
+        raise ValueError(f"{caller} swaps the layers inside a model and cannot replace the model object "
+                         f"itself ({type(model).__name__}); convert a single layer with from_linear / to_linear")
+    sites: dict[int, tuple[nn.Module, list[str]]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if fqn and wanted(module):
+            sites.setdefault(id(module), (module, []))[1].append(fqn)
+    return sites
+
+
+def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Module]]) -> None:
+    """Puts each new module at every name of its old one; all or nothing."""
+    done = []
+    try:
+        for names, old, new in swaps:
+            for fqn in names:
+                _set_submodule(model, fqn, new)
+                done.append((fqn, old))
+    except BaseException:
+        for fqn, old in reversed(done):
+            _set_submodule(model, fqn, old)
+        raise
+
+
 def patch_model(model: nn.Module, config: str | Int8Config, filter_fn: FilterFn | None = None) -> PatchReport:
     """Swaps, in place, every nn.Linear of model that the filter accepts for the module of config.
 
     config: a config dataclass or a shortcut string ("int8"). filter_fn(module, fqn), if given,
-    overrides config.filter_fn. Returns a PatchReport; unpatch_model(model) swaps back.
+    overrides config.filter_fn. A layer reachable under several names (shared) becomes one
+    compressed module at every site; the filter must then accept all its names or none. Every
+    layer is converted before any is swapped, so a failure leaves the model unchanged. A model
+    on the meta device is patched too (shapes only; load a checkpoint with assign=True).
+    Returns a PatchReport; unpatch_model(model) swaps back.
     """
-    if isinstance(config, str):
-        if config not in _SHORTCUTS:
-            raise ValueError(f"unknown method {config!r}; known: {sorted(_SHORTCUTS)}")
-        config = _SHORTCUTS[config]()
+    config = _resolve_config(config)
     keep = filter_fn or config.filter_fn or (lambda module, fqn: True)
+    sites = _sites(model, lambda m: type(m) is nn.Linear, "patch_model")
     report = PatchReport(method=type(config).__name__)
-    targets = [(fqn, m) for fqn, m in model.named_modules()
-               if type(m) is nn.Linear and keep(m, fqn)]
-    for fqn, linear in targets:
-        new = config.convert(linear, fqn)
-        _set_submodule(model, fqn, new)
-        report.layers.append(PatchedLayer(fqn, linear.in_features, linear.out_features,
-                                          _module_bytes(linear), _module_bytes(new)))
+    swaps = []
+    for linear, names in sites.values():
+        accepted = [fqn for fqn in names if keep(linear, fqn)]
+        if not accepted:
+            continue
+        if len(accepted) != len(names):
+            raise ValueError(f"patch_model: the layer {names[0]} is shared (also reachable as "
+                             f"{', '.join(names[1:])}) but the filter accepts only {', '.join(accepted)}; "
+                             "compressing one site would break the tie")
+        new = config.convert(linear, names[0])
+        swaps.append((names, linear, new))
+        report.layers.append(PatchedLayer(names[0], linear.in_features, linear.out_features,
+                                          _module_bytes(linear), _module_bytes(new), tuple(names[1:])))
+    _swap_all(model, swaps)
     return report
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Swaps every torchslim module in model back to nn.Linear (holding the dequantized weights)."""
-    targets = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, _PATCHED_TYPES)]
-    for fqn, module in targets:
-        _set_submodule(model, fqn, module.to_linear())
+    """Swaps every torchslim module in model back to nn.Linear (holding the dequantized weights);
+    a shared module becomes one shared nn.Linear. All or nothing, like patch_model."""
+    sites = _sites(model, lambda m: isinstance(m, _PATCHED_TYPES), "unpatch_model")
+    _swap_all(model, [(names, module, module.to_linear()) for module, names in sites.values()])
     return model
 
 

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include "int8_gemm.h"
+#include "scalar_convert.h"
 
 namespace torchslim::cpu {
 namespace {
@@ -64,8 +65,17 @@ inline ChannelBlock channel_block(const GemmArgs& g, int64_t n0) {
           g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0) : _mm512_setzero_ps(), mask, n0};
 }
 
-// The fused epilogue of one row of one block: int32 -> float, both scales, bias, cast, store.
-inline void epilogue16(const GemmArgs& g, const ChannelBlock& cb, __m512i acc, int64_t m) {
+// The fused epilogue of one row of one block, from the int32 sums of q * (w + 128) of the u8
+// weights: undo the offset with the row sum of q, then int32 -> float, both scales, bias, cast,
+// store. Rows whose scale product leaves float32's normal range go through the scalar epilogue.
+inline void epilogue16(const GemmArgs& g, const ChannelBlock& cb, __m512i acc_u8, int64_t m) {
+  const __m512i acc = _mm512_sub_epi32(acc_u8, _mm512_set1_epi32(g.a_sum[m] * 128));
+  if (__builtin_expect(!float_epilogue_is_exact(g, m), 0)) {
+    alignas(64) int32_t c[kBlockN];
+    _mm512_store_si512(c, acc);
+    epilogue_block_scalar(g, c, m, cb.n0 / kBlockN);
+    return;
+  }
   const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(cb.scale, _mm512_set1_ps(g.a_scale[m])), cb.bias);
   store16(g.out, g.out_dtype, m * g.ldo + cb.n0, v, cb.mask);
 }

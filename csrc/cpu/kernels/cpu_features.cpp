@@ -1,8 +1,7 @@
 // Run-time CPU feature detection: cpuid for what the core has, xgetbv for what the OS saves on a
 // context switch, and the Linux permission request that AMX tile data needs before first use.
 #include <cpuid.h>
-#include <cstdlib>
-#include <cstring>
+#include <strings.h>
 #include <atomic>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -54,11 +53,9 @@ unsigned detect() {
   return set;
 }
 
-constexpr Isa kAll[] = {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Amx};
-
 bool parse_isa(const char* name, Isa* out) {
-  for (Isa isa : kAll) {
-    if (std::strcmp(name, isa_name(isa)) == 0) {
+  for (Isa isa : kAllIsas) {
+    if (strcasecmp(name, isa_name(isa)) == 0) {
       *out = isa;
       return true;
     }
@@ -67,13 +64,7 @@ bool parse_isa(const char* name, Isa* out) {
 }
 
 std::atomic<int>& active() {
-  static std::atomic<int> isa = [] {
-    Isa chosen = best_isa();
-    const char* env = std::getenv("TORCHSLIM_CPU_ISA");
-    Isa wanted;
-    if (env && parse_isa(env, &wanted) && isa_supported(wanted)) chosen = wanted;
-    return int(chosen);
-  }();
+  static std::atomic<int> isa{int(best_isa())};
   return isa;
 }
 
@@ -86,18 +77,19 @@ bool isa_supported(Isa isa) {
 
 Isa best_isa() {
   Isa best = Isa::Scalar;
-  for (Isa isa : kAll)
-    if (isa_supported(isa)) best = isa;  // kAll is ordered from slowest to fastest
+  for (Isa isa : kAllIsas)
+    if (isa_supported(isa)) best = isa;  // kAllIsas is ordered from slowest to fastest
   return best;
 }
 
 Isa active_isa() { return Isa(active().load(std::memory_order_relaxed)); }
 
-bool set_active_isa(const char* name) {
+SetIsa set_active_isa(const char* name) {
   Isa wanted;
-  if (!parse_isa(name, &wanted) || !isa_supported(wanted)) return false;
+  if (!parse_isa(name, &wanted)) return SetIsa::Unknown;
+  if (!isa_supported(wanted)) return SetIsa::Unsupported;
   active().store(int(wanted), std::memory_order_relaxed);
-  return true;
+  return SetIsa::Ok;
 }
 
 const char* isa_name(Isa isa) {

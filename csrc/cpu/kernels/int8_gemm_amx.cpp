@@ -1,6 +1,6 @@
-// AMX INT8 W8A8 (Sapphire Rapids and newer): tdpbssd multiplies a 16x64 int8 activation tile by a
-// 16(k/4)x64 weight tile in the packed VNNI order, accumulating 16x16 int32, signed x signed (no
-// offset needed). Register tile: 32 rows x 32 channels in four accumulator tiles, blocked over k
+// AMX INT8 W8A8 (Sapphire Rapids and newer): tdpbsud multiplies a 16x64 signed activation tile by
+// a 16(k/4)x64 tile of the unsigned packed weights (w + 128) in the VNNI order, accumulating 16x16
+// int32; the epilogue undoes the +128 with the row sums of the activations. Register tile: 32 rows x 32 channels in four accumulator tiles, blocked over k
 // so one operand comes from L1; the activation buffer is padded to a multiple of 32 rows by the
 // caller so tile loads never leave it.
 #include <immintrin.h>
@@ -59,12 +59,12 @@ void accumulate(const GemmArgs& g, int64_t m, int64_t nb, int64_t k0, int64_t k1
     _tile_loadd(4, a0 + k, g.lda);
     _tile_loadd(5, a1 + k, g.lda);
     _tile_loadd(6, b0 + k * kBlockN, 64);  // 16 groups of [16 channels][4 k]
-    _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(2, 5, 6);
+    _tile_dpbsud(0, 4, 6);
+    _tile_dpbsud(2, 5, 6);
     if constexpr (NBT == 2) {
       _tile_loadd(7, b1 + k * kBlockN, 64);
-      _tile_dpbssd(1, 4, 7);
-      _tile_dpbssd(3, 5, 7);
+      _tile_dpbsud(1, 4, 7);
+      _tile_dpbsud(3, 5, 7);
     }
   }
   _tile_stored(0, c, 128);

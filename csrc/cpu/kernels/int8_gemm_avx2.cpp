@@ -1,11 +1,11 @@
 // 256-bit INT8 W8A8 for CPUs without AVX-512 VNNI, in two builds of this one file:
-// - AVX2 (this file, -mavx2): vpmaddubsw multiplies unsigned by signed bytes and saturates pairs
-//   to int16, so it is fed |w| and q * sign(w): each product is at most 128 * 127 and a pair at
-//   most 32512 < 32767, which keeps the int32 result exact; vpmaddwd with ones then adds pairs
-//   into int32. Activations are signed (no +128 offset).
+// - AVX2 (this file, -mavx2): the packed bytes (w + 128) are turned back into signed w with one
+//   XOR; vpmaddubsw multiplies unsigned by signed bytes and saturates pairs to int16, so it is fed
+//   |w| and q * sign(w): each product is at most 128 * 127 and a pair at most 32512 < 32767, which
+//   keeps the int32 result exact; vpmaddwd with ones then adds pairs into int32.
 // - AVX-VNNI (int8_gemm_avxvnni.cpp includes this file with -mavxvnni, Alder Lake and newer):
-//   vpdpbusd on 256 bits, unsigned activations q + 128 undone with the packed column sums, as in
-//   the AVX-512 VNNI kernel.
+//   vpdpbusd on 256 bits of the unsigned packed bytes times signed q; the +128 is undone with the
+//   row sums of q, as in the AVX-512 VNNI kernel.
 // A 16-channel block is two 256-bit halves: channels 0-7 in the first 32 bytes of each 64-byte
 // group, 8-15 in the second.
 #include <immintrin.h>
@@ -27,10 +27,11 @@ namespace {
 
 constexpr int kMR = 4;
 
-// acc += the four products of a4's bytes with each channel's four weights in b.
+// acc += the four products of a4's bytes with each channel's four weights in b (the packed u8
+// bytes for AVX-VNNI, the signed weights for AVX2).
 inline __m256i dot4(__m256i acc, __m256i a4, __m256i b, [[maybe_unused]] __m256i b_abs) {
 #ifdef TORCHSLIM_AVX_VNNI
-  return _mm256_dpbusd_avx_epi32(acc, a4, b);
+  return _mm256_dpbusd_avx_epi32(acc, b, a4);
 #else
   const __m256i ones = _mm256_set1_epi16(1);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(b_abs, _mm256_sign_epi8(a4, b)), ones));
@@ -46,11 +47,14 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
 
   for (int64_t k4 = 0; k4 < g.K_pad / 4; ++k4) {
+#ifdef TORCHSLIM_AVX_VNNI
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + k4 * 64));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + k4 * 64 + 32));
-#ifdef TORCHSLIM_AVX_VNNI
     const __m256i abs0 = b0, abs1 = b1;  // unused
 #else
+    const __m256i sign_bit = _mm256_set1_epi8(char(0x80));
+    const __m256i b0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + k4 * 64)), sign_bit);
+    const __m256i b1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + k4 * 64 + 32)), sign_bit);
     const __m256i abs0 = _mm256_abs_epi8(b0), abs1 = _mm256_abs_epi8(b1);
 #endif
 #pragma GCC unroll 4
@@ -62,20 +66,18 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
       acc[i][1] = dot4(acc[i][1], av, b1, abs1);
     }
   }
-#ifdef TORCHSLIM_AVX_VNNI
-  // sum_k (q + 128) * w - 128 * sum_k w  ==  sum_k q * w, exactly in int32.
-  const int32_t* colsum = reinterpret_cast<const int32_t*>(bp + g.K_pad * kBlockN);
-  const __m256i off0 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), 7);
-  const __m256i off1 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), 7);
-#else
-  const __m256i off0 = _mm256_setzero_si256(), off1 = off0;
-#endif
   // Store all accumulators first (constant indices), so none lives in memory inside the k loop.
   alignas(32) int32_t c[MR][kBlockN];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c[i]), _mm256_sub_epi32(acc[i][0], off0));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c[i] + 8), _mm256_sub_epi32(acc[i][1], off1));
+#ifdef TORCHSLIM_AVX_VNNI
+    // sum_k q * (w + 128) - 128 * sum_k q  ==  sum_k q * w, exactly in int32.
+    const __m256i off = _mm256_set1_epi32(g.a_sum[m + i] * 128);
+#else
+    const __m256i off = _mm256_setzero_si256();
+#endif
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c[i]), _mm256_sub_epi32(acc[i][0], off));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c[i] + 8), _mm256_sub_epi32(acc[i][1], off));
   }
   for (int i = 0; i < MR; ++i) epilogue_block_scalar(g, c[i], m + i, nb);
 }
@@ -136,20 +138,28 @@ void quantize_rows_t(const QuantizeArgs& a, int64_t m0, int64_t m1) {
       a, m0, m1, [&](int64_t m) { return row_absmax<DT>(static_cast<const char*>(a.x) + m * a.ldx * kElem, a.K); },
       [&](int64_t m, float inv_s, int8_t* q) {
         const __m256 inv = _mm256_set1_ps(inv_s);
-        const __m256i offset = _mm256_set1_epi8(a.offset128 ? char(0x80) : 0);
         // vpackssdw / vpacksswb interleave the 128-bit lanes: this puts the dwords back in order.
         const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         const int64_t base = m * a.ldx;
+        __m256i vsum = _mm256_setzero_si256();
         int64_t k = 0;
         for (; k + 32 <= a.K; k += 32) {
           // cvtps rounds half to even (the default MXCSR mode); |x * inv| < 127.5, no clamp.
           __m256i r[4];
           for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(load8<DT>(a.x, base + k + 8 * j), inv));
+          vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3])));
           const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
-                              _mm256_xor_si256(_mm256_permutevar8x32_epi32(bytes, order), offset));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, order));
         }
-        for (; k < a.K; ++k) q[k] = quantize_one(load_as_float(a.x, DT, base + k), inv_s, a.offset128);
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
+        int32_t sum = 0;
+        for (int32_t v : lanes) sum += v;
+        for (; k < a.K; ++k) {
+          q[k] = quantize_one(load_as_float(a.x, DT, base + k), inv_s);
+          sum += q[k];
+        }
+        return sum;
       });
 }
 #endif

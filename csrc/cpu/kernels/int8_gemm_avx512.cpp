@@ -1,6 +1,6 @@
-// AVX-512 VNNI INT8 W8A8: vpdpbusd multiplies unsigned activations (q + 128) by signed weights and
-// adds groups of four into int32; the +128 is undone with the column sums stored in the packed
-// weight. Register tile: MR rows x NBLK blocks of 16 channels (6 x 4 = 24 zmm accumulators).
+// AVX-512 VNNI INT8 W8A8: vpdpbusd multiplies the unsigned packed weights (w + 128) by signed
+// activations q and adds groups of four into int32; the +128 is undone in the epilogue with the
+// row sums of q. Register tile: MR rows x NBLK blocks of 16 channels (6 x 4 = 24 zmm accumulators).
 #include <cmath>
 #include <cstring>
 
@@ -39,7 +39,7 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
       std::memcpy(&a4, ap + i * g.lda + k4 * 4, 4);
       const __m512i av = _mm512_set1_epi32(a4);
 #pragma GCC unroll 4
-      for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+      for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], bv[j], av);
     }
   }
 
@@ -52,10 +52,8 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
     for (int j = 0; j < NBLK; ++j) _mm512_store_si512(c[i][j], acc[i][j]);
 
   for (int j = 0; j < NBLK; ++j) {
-    // sum_k (q + 128) * w - 128 * sum_k w  ==  sum_k q * w, exactly in int32.
-    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(bp[j] + g.K_pad * kBlockN), 7);
     const ChannelBlock cb = channel_block(g, (nb + j) * kBlockN);
-    for (int i = 0; i < MR; ++i) epilogue16(g, cb, _mm512_sub_epi32(_mm512_load_si512(c[i][j]), offset), m + i);
+    for (int i = 0; i < MR; ++i) epilogue16(g, cb, _mm512_load_si512(c[i][j]), m + i);
   }
 }
 
@@ -69,14 +67,13 @@ void gemv_block(const GemmArgs& g, int64_t m, int64_t nb) {
   for (int64_t k4 = 0; k4 < K4; k4 += 4) {
     int32_t a[4];
     std::memcpy(a, ap + k4 * 4, 16);
-    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_set1_epi32(a[0]), _mm512_loadu_si512(bp + k4 * 64));
-    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_set1_epi32(a[1]), _mm512_loadu_si512(bp + k4 * 64 + 64));
-    acc2 = _mm512_dpbusd_epi32(acc2, _mm512_set1_epi32(a[2]), _mm512_loadu_si512(bp + k4 * 64 + 128));
-    acc3 = _mm512_dpbusd_epi32(acc3, _mm512_set1_epi32(a[3]), _mm512_loadu_si512(bp + k4 * 64 + 192));
+    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(bp + k4 * 64), _mm512_set1_epi32(a[0]));
+    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(bp + k4 * 64 + 64), _mm512_set1_epi32(a[1]));
+    acc2 = _mm512_dpbusd_epi32(acc2, _mm512_loadu_si512(bp + k4 * 64 + 128), _mm512_set1_epi32(a[2]));
+    acc3 = _mm512_dpbusd_epi32(acc3, _mm512_loadu_si512(bp + k4 * 64 + 192), _mm512_set1_epi32(a[3]));
   }
   const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(acc0, acc1), _mm512_add_epi32(acc2, acc3));
-  const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(bp + g.K_pad * kBlockN), 7);
-  epilogue16(g, channel_block(g, nb * kBlockN), _mm512_sub_epi32(acc, offset), m);
+  epilogue16(g, channel_block(g, nb * kBlockN), acc, m);
 }
 
 template <int NBLK>
@@ -158,8 +155,8 @@ float bits_to_float(uint32_t bits) {
   }
 }
 
-// The dtype and the offset are template parameters so the inner loops carry no branch.
-template <Dtype DT, bool kOffset128>
+// The dtype is a template parameter so the inner loops carry no branch.
+template <Dtype DT>
 void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
   const char* x = static_cast<const char*>(a.x);
   constexpr int64_t kElem = DT == Dtype::F32 ? 4 : 2;
@@ -167,34 +164,28 @@ void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
       a, m0, m1, [&](int64_t m) { return bits_to_float<DT>(absmax_bits<DT>(x + m * a.ldx * kElem, a.K)); },
       [&](int64_t m, float inv_s, int8_t* q) {
         const __m512 inv = _mm512_set1_ps(inv_s);
+        __m512i sum = _mm512_setzero_si512();
         for (int64_t k = 0; k < a.K; k += 16) {
           const __mmask16 mask = tail_mask(a.K - k);
           const __m512 v = load16(a.x, DT, m * a.ldx + k, mask);
           // No clamp needed: |x| <= absmax and inv <= (127 / absmax)(1 + 2^-24), so |x * inv| < 127.5
           // rounds to at most 127 (the saturating vpmovsdb would catch anything else anyway).
+          // Masked-off lanes load 0 and add 0 to the sum.
           const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          __m128i q16 = _mm512_cvtsepi32_epi8(r);
-          if constexpr (kOffset128) q16 = _mm_xor_si128(q16, _mm_set1_epi8(char(0x80)));
-          _mm_mask_storeu_epi8(q + k, mask, q16);
+          sum = _mm512_add_epi32(sum, r);
+          _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtsepi32_epi8(r));
         }
+        return _mm512_reduce_add_epi32(sum);
       });
-}
-
-template <Dtype DT>
-void quantize_rows_any_offset(const QuantizeArgs& a, int64_t m0, int64_t m1) {
-  if (a.offset128)
-    quantize_rows<DT, true>(a, m0, m1);
-  else
-    quantize_rows<DT, false>(a, m0, m1);
 }
 
 }  // namespace
 
 void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1) {
   switch (a.dtype) {
-    case Dtype::BF16: quantize_rows_any_offset<Dtype::BF16>(a, m0, m1); break;
-    case Dtype::F16: quantize_rows_any_offset<Dtype::F16>(a, m0, m1); break;
-    default: quantize_rows_any_offset<Dtype::F32>(a, m0, m1);
+    case Dtype::BF16: quantize_rows<Dtype::BF16>(a, m0, m1); break;
+    case Dtype::F16: quantize_rows<Dtype::F16>(a, m0, m1); break;
+    default: quantize_rows<Dtype::F32>(a, m0, m1);
   }
 }
 

@@ -13,27 +13,30 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* packed) {
   const int64_t K_pad = round_up(K, kPadK);
   const int64_t NB = round_up(N, kBlockN) / kBlockN;
   const int64_t bb = block_bytes(K_pad);
-  std::memset(packed, 0, NB * bb);
-  for (int64_t nb = 0; nb < NB; ++nb) {
-    int8_t* blk = packed + nb * bb;
-    int32_t sums[kBlockN] = {};
-    for (int64_t j = 0; j < kBlockN && nb * kBlockN + j < N; ++j) {
-      const int8_t* row = w + (nb * kBlockN + j) * K;
-      for (int64_t k = 0; k < K; ++k) {
-        blk[(k / 4) * 64 + j * 4 + (k % 4)] = row[k];
-        sums[j] += row[k];
-      }
-    }
-    std::memcpy(blk + K_pad * kBlockN, sums, sizeof(sums));
+  std::memset(packed, 0, kHeaderBytes);
+  PackedHeader header{};
+  std::memcpy(header.magic, kPackedMagic, sizeof(header.magic));
+  header.version = kPackedVersion;
+  header.block_n = kBlockN;
+  header.N = N;
+  header.K = K;
+  std::memcpy(packed, &header, sizeof(header));
+  int8_t* blocks = packed + kHeaderBytes;
+  // Padding holds 0x80 (a zero weight); the kernels never depend on it (see int8_gemm.h).
+  std::memset(blocks, 0x80, NB * bb);
+  for (int64_t n = 0; n < N; ++n) {
+    int8_t* blk = blocks + (n / kBlockN) * bb + (n % kBlockN) * 4;
+    const int8_t* row = w + n * K;
+    for (int64_t k = 0; k < K; ++k) blk[(k / 4) * 64 + (k % 4)] = int8_t(row[k] ^ 0x80);
   }
 }
 
 void unpack_weight(const int8_t* packed, int64_t N, int64_t K, int8_t* w) {
   const int64_t bb = block_bytes(round_up(K, kPadK));
+  const int8_t* blocks = packed + kHeaderBytes;
   for (int64_t n = 0; n < N; ++n) {
-    const int8_t* blk = packed + (n / kBlockN) * bb;
-    const int64_t j = n % kBlockN;
-    for (int64_t k = 0; k < K; ++k) w[n * K + k] = blk[(k / 4) * 64 + j * 4 + (k % 4)];
+    const int8_t* blk = blocks + (n / kBlockN) * bb + (n % kBlockN) * 4;
+    for (int64_t k = 0; k < K; ++k) w[n * K + k] = int8_t(blk[(k / 4) * 64 + (k % 4)] ^ 0x80);
   }
 }
 
@@ -50,7 +53,12 @@ void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1) {
         return nonfinite == 0.f ? absmax : NAN;
       },
       [&](int64_t m, float inv, int8_t* q) {
-        for (int64_t k = 0; k < a.K; ++k) q[k] = quantize_one(load_as_float(a.x, a.dtype, m * a.ldx + k), inv, a.offset128);
+        int32_t sum = 0;
+        for (int64_t k = 0; k < a.K; ++k) {
+          q[k] = quantize_one(load_as_float(a.x, a.dtype, m * a.ldx + k), inv);
+          sum += q[k];
+        }
+        return sum;
       });
 }
 
@@ -61,9 +69,11 @@ void gemm_tile_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, in
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* a = g.a + m * g.lda;
       int32_t acc[kBlockN] = {};
+      // Signed weights back from the u8 bytes (w = byte ^ 0x80): no row-sum correction needed.
       for (int64_t k4 = 0; k4 < g.K_pad / 4; ++k4)
         for (int64_t j = 0; j < kBlockN; ++j)
-          for (int64_t t = 0; t < 4; ++t) acc[j] += int32_t(a[k4 * 4 + t]) * blk[k4 * 64 + j * 4 + t];
+          for (int64_t t = 0; t < 4; ++t)
+            acc[j] += int32_t(a[k4 * 4 + t]) * int8_t(blk[k4 * 64 + j * 4 + t] ^ 0x80);
       epilogue_block_scalar(g, acc, m, nb);
     }
   }

@@ -9,32 +9,33 @@
 namespace torchslim::cpu {
 namespace {
 
-// One element: round half to even (the default rounding mode), clamp, optional +128 offset.
-inline int8_t quantize_one(float v, float inv, bool offset128) {
+// One element: round half to even (the default rounding mode), clamp.
+inline int8_t quantize_one(float v, float inv) {
   const float r = std::nearbyint(v * inv);
-  return int8_t(int(std::fmin(std::fmax(r, -127.f), 127.f)) ^ (offset128 ? 0x80 : 0));
+  return int8_t(std::fmin(std::fmax(r, -127.f), 127.f));
 }
 
 // absmax_of(m): the row's largest |x|, NaN or Inf if the row holds a NaN or an Inf.
-// quantize_row(m, inv, q): writes q[0, K) = quantize_one(x[m, k], inv, a.offset128).
+// quantize_row(m, inv, q): writes q[0, K) = quantize_one(x[m, k], inv) and returns their sum.
 template <class AbsMax, class QuantizeRow>
 inline void quantize_rows_with(const QuantizeArgs& a, int64_t m0, int64_t m1, AbsMax absmax_of,
                                QuantizeRow quantize_row) {
-  const int offset = a.offset128 ? 0x80 : 0;
   for (int64_t m = m0; m < m1; ++m) {
     const float absmax = absmax_of(m);
     int8_t* q = a.q + m * a.ldq;
     const float inv = 127.f / absmax;
+    int32_t sum = 0;
     if (!std::isfinite(absmax) || std::isinf(inv)) {
       // NaN/Inf rows: scale NaN, so the output row is NaN as a float GEMM's would be. Zero rows,
       // and rows so small (absmax < 127 / FLT_MAX) that 127 / absmax overflows: scale 0.
       a.scale[m] = std::isfinite(absmax) ? 0.f : NAN;
-      std::memset(q, offset, a.K_pad);
-      continue;
+      std::memset(q, 0, a.K_pad);
+    } else {
+      a.scale[m] = absmax / 127.f;
+      sum = quantize_row(m, inv, q);
+      std::memset(q + a.K, 0, a.K_pad - a.K);
     }
-    a.scale[m] = absmax / 127.f;
-    quantize_row(m, inv, q);
-    std::memset(q + a.K, offset, a.K_pad - a.K);
+    if (a.row_sum) a.row_sum[m] = sum;
   }
 }
 

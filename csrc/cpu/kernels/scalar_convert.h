@@ -41,12 +41,27 @@ inline void store_from_float(void* p, Dtype dt, int64_t i, float v) {
   }
 }
 
-// The fused epilogue of one 16-channel block for row m, from its int32 accumulators.
+// Whether row m's outputs can be formed as fma(acc, a_scale[m] * b_scale[n], bias) in float32:
+// true unless that scale product would overflow (x near FLT_MAX with a large weight scale, where
+// 0 * Inf would turn a true 0 into NaN) or fall below the normal range (and lose precision).
+// a_scale_lo / a_scale_hi bound the safe row scales for this weight (see GemmArgs); zero and NaN
+// row scales are safe (the output is the bias, or NaN).
+inline bool float_epilogue_is_exact(const GemmArgs& g, int64_t m) {
+  const double s = g.a_scale[m];
+  return !(s > 0 && (s < g.a_scale_lo || s > g.a_scale_hi));
+}
+
+// The fused epilogue of one 16-channel block for row m, from the exact int32 sums of q * w. Rows
+// whose scale product leaves float32's normal range take it in double (the product of two
+// float32 values is exact there), rounded once to float32: rare, and never on real activations.
 inline void epilogue_block_scalar(const GemmArgs& g, const int32_t* acc, int64_t m, int64_t nb) {
+  const bool fast = float_epilogue_is_exact(g, m);
   for (int64_t j = 0; j < kBlockN && nb * kBlockN + j < g.N; ++j) {
     const int64_t n = nb * kBlockN + j;
     const float bias = g.bias ? g.bias[n] : 0.f;
-    store_from_float(g.out, g.out_dtype, m * g.ldo + n, std::fma(float(acc[j]), g.a_scale[m] * g.b_scale[n], bias));
+    const float v = fast ? std::fma(float(acc[j]), g.a_scale[m] * g.b_scale[n], bias)
+                         : float(std::fma(double(acc[j]), double(g.a_scale[m]) * g.b_scale[n], double(bias)));
+    store_from_float(g.out, g.out_dtype, m * g.ldo + n, v);
   }
 }
 

@@ -13,7 +13,8 @@ def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     w = w.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("weight holds NaN or Inf; it cannot be quantized")
-    absmax = w.abs().amax(dim=1)
-    scale = absmax / 127
-    w_q = torch.where(scale[:, None] > 0, torch.round(w / scale.clamp_min(1e-30)[:, None]), 0.0)
-    return w_q.clamp(-127, 127).to(torch.int8), scale.contiguous()
+    absmax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+    # float64 for the division: no overflow or precision loss for any float32 absmax, tiny ones included.
+    step = absmax.double()[:, None] / 127
+    w_q = torch.where(step > 0, torch.round(w.double() / step.clamp_min(torch.finfo(torch.float64).tiny)), 0.0)
+    return w_q.clamp(-127, 127).to(torch.int8), (absmax / 127).contiguous()
