@@ -36,9 +36,36 @@ void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
 }
 
-// Checks w_scale and bias against N and returns bias as contiguous float32 (or undefined).
-at::Tensor check_scale_and_bias(const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                                int64_t N, const char* op) {
+// One pass over the weight scales, as the bit patterns of |s| (for non-negative floats the integer
+// order is the numeric order, and Inf / NaN lie above every finite value): the largest, and the
+// smallest non-zero. Branch-free, so it vectorizes; it runs on every call.
+struct ScaleRange {
+  uint32_t largest = 0, smallest_nonzero = UINT32_MAX;
+  bool finite() const { return largest < 0x7F800000u; }
+  static float value(uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+ScaleRange scan_scales(const float* s, int64_t N) {
+  ScaleRange r;
+  for (int64_t n = 0; n < N; ++n) {
+    uint32_t b;
+    std::memcpy(&b, s + n, 4);
+    b &= 0x7FFFFFFFu;
+    r.largest = b > r.largest ? b : r.largest;
+    const uint32_t nz = b == 0 ? UINT32_MAX : b;
+    r.smallest_nonzero = nz < r.smallest_nonzero ? nz : r.smallest_nonzero;
+  }
+  return r;
+}
+
+// Checks w_scale (finite) and bias against N; returns bias as contiguous float32 (or undefined)
+// and the range of w_scale's magnitudes.
+std::pair<at::Tensor, ScaleRange> check_scale_and_bias(const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                                       int64_t N, const char* op) {
   TORCH_CHECK(w_scale.device().is_cpu(), op, ": w_scale must be on cpu like x, got ", w_scale.device());
   TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N,
               ",), got ", w_scale.sizes());
@@ -46,14 +73,17 @@ at::Tensor check_scale_and_bias(const at::Tensor& w_scale, const std::optional<a
               w_scale.scalar_type());
   TORCH_CHECK(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
   const float* s = w_scale.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
-  if (!bias.has_value()) return {};
+  const ScaleRange range = scan_scales(s, N);
+  if (!range.finite()) {
+    for (int64_t n = 0; n < N; ++n)
+      TORCH_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
+  }
+  if (!bias.has_value()) return {at::Tensor(), range};
   const at::Tensor& b = *bias;
   TORCH_CHECK(b.device().is_cpu(), op, ": bias must be on cpu like x, got ", b.device());
   TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", b.sizes());
   TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
-  return b.to(at::kFloat).contiguous();
+  return {b.to(at::kFloat).contiguous(), range};
 }
 
 void check_weight_q(const at::Tensor& w_q, const char* op) {
@@ -63,10 +93,9 @@ void check_weight_q(const at::Tensor& w_q, const char* op) {
   TORCH_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
 }
 
-cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& q, at::Tensor& scale,
-                                int32_t* row_sum) {
+cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& q, float* scale, int32_t* row_offset) {
   return {x.data_ptr(), x.size(1), float_dtype(x, "quantize"), x.size(1), K_pad,
-          q.data_ptr<int8_t>(), q.size(1), scale.data_ptr<float>(), row_sum};
+          q.data_ptr<int8_t>(), q.size(1), scale, row_offset};
 }
 
 void quantize_chunk(const cpu::QuantizeArgs& qa, int64_t m0, int64_t m1, Isa isa) {
@@ -88,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M > 0) quantize_rows(quantize_args(x, K, q, scale, nullptr), M, cpu::active_isa());
+  if (M > 0) quantize_rows(quantize_args(x, K, q, scale.data_ptr<float>(), nullptr), M, cpu::active_isa());
   return {q, scale};
 }
 
@@ -133,16 +162,10 @@ at::Tensor unpack_weight_cpu(const at::Tensor& w_packed, int64_t N, int64_t K) {
 
 // The range of row scales whose product with every non-zero |w_scale[n]| is a normal float32
 // (GemmArgs::a_scale_lo/hi): rows outside it take the double-precision epilogue.
-std::pair<double, double> safe_row_scales(const at::Tensor& w_scale) {
-  double lo = 0, hi = std::numeric_limits<double>::infinity();
-  const float* s = w_scale.data_ptr<float>();
-  for (int64_t n = 0; n < w_scale.numel(); ++n) {
-    const double a = std::fabs(double(s[n]));
-    if (a == 0) continue;
-    lo = std::max(lo, double(std::numeric_limits<float>::min()) / a);
-    hi = std::min(hi, double(std::numeric_limits<float>::max()) / a);
-  }
-  return {lo, hi};
+std::pair<double, double> safe_row_scales(const ScaleRange& r) {
+  if (r.largest == 0) return {0.0, std::numeric_limits<double>::infinity()};
+  return {double(std::numeric_limits<float>::min()) / ScaleRange::value(r.smallest_nonzero),
+          double(std::numeric_limits<float>::max()) / ScaleRange::value(r.largest)};
 }
 
 at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
@@ -150,7 +173,7 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
   check_x(x, op);
   TORCH_CHECK(w_scale.dim() == 1, op, ": w_scale must be 1-D (N,), got shape ", w_scale.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = w_scale.size(0);
-  const at::Tensor bias_f32 = check_scale_and_bias(w_scale, bias, N, op);
+  const auto [bias_f32, scale_range] = check_scale_and_bias(w_scale, bias, N, op);
   check_packed(w_packed, N, K, op);
   TORCH_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
   if (K == 0) {  // an empty sum: every row is the bias (the kernels assume at least one k step)
@@ -169,13 +192,15 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
   // AMX loads activation tiles of 32 rows: pad with rows of zeros (their outputs are not written).
   const int64_t M_pad = isa == Isa::Amx ? cpu::round_up(M, 32) : M;
   at::Tensor q = at::empty({M_pad, K_pad}, x.options().dtype(at::kChar));
-  at::Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor a_sum = at::empty({M}, x.options().dtype(at::kInt));
-  if (M_pad > M) q.narrow(0, M, M_pad - M).zero_();
-  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, a_sum.data_ptr<int32_t>());
+  // Per row: the scale (float32) and 128 * the sum of q (int32), in one allocation (this runs per call).
+  at::Tensor row_info = at::empty({2 * M}, x.options().dtype(at::kFloat));
+  float* a_scale = row_info.data_ptr<float>();
+  int32_t* a_offset = reinterpret_cast<int32_t*>(a_scale + M);
+  if (M_pad > M) std::memset(q.data_ptr<int8_t>() + M * K_pad, 0, (M_pad - M) * K_pad);
+  const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, a_offset);
 
-  const auto [lo, hi] = safe_row_scales(w_scale);
-  const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale.data_ptr<float>(), a_sum.data_ptr<int32_t>(),
+  const auto [lo, hi] = safe_row_scales(scale_range);
+  const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale, a_offset,
                         w_packed.data_ptr<int8_t>() + cpu::kHeaderBytes, w_scale.data_ptr<float>(),
                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
                         out.data_ptr(), N, float_dtype(x, op), M, N, K_pad, lo, hi};

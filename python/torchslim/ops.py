@@ -1,9 +1,10 @@
 """Typed wrappers of the ``torch.ops.torchslim`` ops, each with its fake (meta) implementation
-and its autograd formula right under it. The schemas live in csrc/ops.cpp; the reference of every
+right under it. The schemas live in csrc/ops.cpp; the reference of every
 op is in reference.py.
 
-The argument checks here are the Python twin of the C++ checks (csrc/cpu/int8_linear.cpp), in the
-same words. The fakes run them, so a call that mixes devices (meta included) fails as it would on
+The autograd formulas are in C++ (csrc/int8_linear_autograd.cpp: a Python autograd kernel would
+cost ~14 us on every call made with grad mode on). The argument checks here are the Python twin of
+the C++ checks (csrc/cpu/int8_linear.cpp), in the same words. The fakes run them, so a call that mixes devices (meta included) fails as it would on
 a real device instead of returning an uninitialized tensor; the Triton (CUDA) implementations run
 them too, before their value checks.
 """
@@ -114,24 +115,6 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
 
 
-def _quantize_per_token_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0], output[1])
-
-
-def _quantize_per_token_backward(ctx, grad_q, grad_scale):
-    x, scale = ctx.saved_tensors
-    a = x.float().abs()
-    ties = a == a.amax(dim=1, keepdim=True)
-    share = ties / ties.sum(dim=1, keepdim=True).clamp_min(1)
-    live = (scale > 0)[:, None]  # zero and NaN scales are constants of x
-    grad_x = torch.where(live, grad_scale[:, None] / 127 * torch.sign(x.float()) * share, 0.0)
-    return grad_x.to(x.dtype)
-
-
-torch.library.register_autograd("torchslim::quantize_per_token", _quantize_per_token_backward,
-                                setup_context=_quantize_per_token_setup)
-
-
 # ---------------------------------------------------------------------------------------------
 # the CPU packed weight
 # ---------------------------------------------------------------------------------------------
@@ -199,45 +182,3 @@ def int8_linear_packed(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tenso
 def _(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     check_int8_linear_packed_args(x, w_packed, w_scale, bias)
     return x.new_empty((x.shape[0], w_scale.shape[0]))
-
-
-def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, w_scale, bias = inputs
-    ctx.save_for_backward(weight, w_scale)
-    ctx.x_dtype = x.dtype
-    ctx.K = x.shape[1]
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _linear_grads(ctx, grad: Tensor, w_q_of, op: str):
-    """(dx, None, None, dbias) of y = quantize(x) @ (w_q * w_scale).T + bias, straight through the
-    quantization. The dequantized weight only exists inside this call, in x's dtype (exact for the
-    int8 values): nothing is kept between calls."""
-    # The dispatcher drops a bias left at its default (None): 3 inputs then, and 3 gradients.
-    needs = ctx.needs_input_grad
-    need_x, need_scale, need_bias = needs[0], needs[2], len(needs) > 3 and needs[3]
-    if need_scale:
-        raise RuntimeError(f"{op}: w_scale requires grad, but int8 weights and their scales are frozen: "
-                           "this op has no gradient for them (call w_scale.requires_grad_(False))")
-    weight, w_scale = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if need_x:
-        g = (grad.float() * w_scale).to(ctx.x_dtype)
-        grad_x = g @ w_q_of(weight, w_scale).to(ctx.x_dtype)
-    if need_bias:
-        grad_bias = grad.float().sum(dim=0).to(ctx.bias_dtype)
-    return (grad_x, None, None, grad_bias)[:len(needs)]
-
-
-def _int8_linear_backward(ctx, grad):
-    return _linear_grads(ctx, grad, lambda w_q, w_scale: w_q, "int8_linear")
-
-
-def _int8_linear_packed_backward(ctx, grad):
-    return _linear_grads(ctx, grad, lambda w_packed, w_scale: int8_unpack_weight(w_packed, w_scale.shape[0], ctx.K),
-                         "int8_linear_packed")
-
-
-torch.library.register_autograd("torchslim::int8_linear", _int8_linear_backward, setup_context=_linear_setup)
-torch.library.register_autograd("torchslim::int8_linear_packed", _int8_linear_packed_backward,
-                                setup_context=_linear_setup)

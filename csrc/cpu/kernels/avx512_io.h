@@ -65,19 +65,45 @@ inline ChannelBlock channel_block(const GemmArgs& g, int64_t n0) {
           g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0) : _mm512_setzero_ps(), mask, n0};
 }
 
-// The fused epilogue of one row of one block, from the int32 sums of q * (w + 128) of the u8
-// weights: undo the offset with the row sum of q, then int32 -> float, both scales, bias, cast,
-// store. Rows whose scale product leaves float32's normal range go through the scalar epilogue.
-inline void epilogue16(const GemmArgs& g, const ChannelBlock& cb, __m512i acc_u8, int64_t m) {
-  const __m512i acc = _mm512_sub_epi32(acc_u8, _mm512_set1_epi32(g.a_sum[m] * 128));
-  if (__builtin_expect(!float_epilogue_is_exact(g, m), 0)) {
-    alignas(64) int32_t c[kBlockN];
-    _mm512_store_si512(c, acc);
-    epilogue_block_scalar(g, c, m, cb.n0 / kBlockN);
-    return;
+// The epilogue of a tile in which some row's scale product leaves float32's normal range (rare):
+// the scalar epilogue, which takes those rows in double.
+__attribute__((noinline, cold)) void epilogue_tile_scalar(const GemmArgs& g, const ChannelBlock* cbs, int64_t n,
+                                                          int64_t m, int64_t rows, const int32_t* const* sums,
+                                                          int64_t row_stride) {
+  alignas(64) int32_t c[kBlockN];
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = 0; r < rows; ++r) {
+      _mm512_store_si512(c, _mm512_sub_epi32(_mm512_load_si512(sums[j] + r * row_stride),
+                                             _mm512_set1_epi32(g.a_offset[m + r])));
+      epilogue_block_scalar(g, c, m + r, cbs[j].n0 / kBlockN);
+    }
+}
+
+// The fused epilogue of a tile: rows [m, m + rows) x the n blocks of cbs, the int32 sums of
+// q * (w + 128) of row r and block j at sums[j] + r * row_stride: undo the offset with the row sum
+// of q, int32 -> float, both scales, bias, cast, store. The arguments are read into locals once
+// (the output stores could alias g and force reloads: at small K the epilogue is a large share of
+// the time). A tile with a row whose scale product leaves float32's normal range goes to the
+// scalar epilogue, which takes that row in double.
+__attribute__((always_inline)) inline void epilogue_tile(const GemmArgs& g, const ChannelBlock* cbs, int64_t n,
+                                                         int64_t m, int64_t rows, const int32_t* const* sums,
+                                                         int64_t row_stride) {
+  bool exact = true;
+  for (int64_t r = 0; r < rows; ++r) exact &= float_epilogue_is_exact(g, m + r);
+  if (__builtin_expect(!exact, 0)) return epilogue_tile_scalar(g, cbs, n, m, rows, sums, row_stride);
+  const float* a_scale = g.a_scale + m;
+  const int32_t* a_offset = g.a_offset + m;
+  void* out = g.out;
+  const int64_t ldo = g.ldo;
+  const Dtype dtype = g.out_dtype;
+  for (int64_t j = 0; j < n; ++j) {
+    const ChannelBlock cb = cbs[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512i acc = _mm512_sub_epi32(_mm512_load_si512(sums[j] + r * row_stride), _mm512_set1_epi32(a_offset[r]));
+      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(cb.scale, _mm512_set1_ps(a_scale[r])), cb.bias);
+      store16(out, dtype, (m + r) * ldo + cb.n0, v, cb.mask);
+    }
   }
-  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(cb.scale, _mm512_set1_ps(g.a_scale[m])), cb.bias);
-  store16(g.out, g.out_dtype, m * g.ldo + cb.n0, v, cb.mask);
 }
 
 }  // namespace

@@ -43,7 +43,8 @@ void unpack_weight(const int8_t* packed, int64_t N, int64_t K, int8_t* w);
 
 // Per-token symmetric quantization of rows [m0, m1) of x (ldx elements apart, dtype in):
 // scale = absmax / 127, q = round_half_even(x * (127 / absmax)) in [-127, 127]; q is written with
-// K_pad - K zero columns after it, and row_sum (if not null) gets sum_k q. A row of zeros (or of
+// K_pad - K zero columns after it, and row_offset (if not null) gets 128 * sum_k q, what the u8
+// weights (w + 128) add to the row's sums. A row of zeros (or of
 // magnitudes so small, below 127 / FLT_MAX ~ 3.7e-37, that 127 / absmax overflows) gets scale 0
 // and q 0; a row holding NaN or Inf gets scale NaN (so its output row is NaN, as a float GEMM
 // would give) and q 0.
@@ -52,7 +53,7 @@ struct QuantizeArgs {
   int64_t K, K_pad;
   int8_t* q; int64_t ldq;
   float* scale;
-  int32_t* row_sum;
+  int32_t* row_offset;
 };
 void quantize_rows_scalar(const QuantizeArgs& a, int64_t m0, int64_t m1);
 void quantize_rows_avx2(const QuantizeArgs& a, int64_t m0, int64_t m1);
@@ -62,7 +63,7 @@ void quantize_rows_avx512(const QuantizeArgs& a, int64_t m0, int64_t m1);
 struct GemmArgs {
   const int8_t* a; int64_t lda;  // quantized activations, M rows of K_pad
   const float* a_scale;          // (M,)
-  const int32_t* a_sum;          // (M,) sum_k q[m, k]: undoes the +128 of the u8 weights
+  const int32_t* a_offset;       // (M,) 128 * sum_k q[m, k]: subtracted, it undoes the +128 of the u8 weights
   const int8_t* b;               // packed weight blocks (after the header)
   const float* b_scale;          // (N,)
   const float* bias;             // (N,) float32, or nullptr

@@ -83,6 +83,12 @@ void gemm_tile_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64
   alignas(64) int32_t c[kMaxPairs][kRows * 32];
   for (int64_t nbs = nb0; nbs < nb1; nbs += 2 * kMaxPairs) {
     const int64_t nbe = nb1 - nbs < 2 * kMaxPairs ? nb1 : nbs + 2 * kMaxPairs;
+    ChannelBlock cbs[2 * kMaxPairs];
+    const int32_t* sums[2 * kMaxPairs];  // block j: half j % 2 of accumulator pair j / 2, 32 int32 a row
+    for (int64_t j = 0; j < nbe - nbs; ++j) {
+      cbs[j] = channel_block(g, (nbs + j) * kBlockN);
+      sums[j] = c[j / 2] + 16 * (j % 2);
+    }
     for (int64_t m = m0; m < m1; m += kRows) {
       // k outermost within the row group: the activation chunk is loaded from L2 once and reused
       // from L1 by every weight pair; the accumulators round-trip through c (L1) per chunk.
@@ -96,11 +102,7 @@ void gemm_tile_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64
         }
       }
       const int64_t rows = m1 - m < kRows ? m1 - m : kRows;
-      for (int64_t nb = nbs; nb < nbe; ++nb) {
-        const int32_t* cp = c[(nb - nbs) / 2] + 16 * ((nb - nbs) % 2);
-        const ChannelBlock cb = channel_block(g, nb * kBlockN);
-        for (int64_t r = 0; r < rows; ++r) epilogue16(g, cb, _mm512_load_si512(cp + r * 32), m + r);
-      }
+      epilogue_tile(g, cbs, nbe - nbs, m, rows, sums, 32);
     }
   }
   _tile_release();

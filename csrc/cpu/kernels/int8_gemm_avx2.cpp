@@ -72,7 +72,7 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
   for (int i = 0; i < MR; ++i) {
 #ifdef TORCHSLIM_AVX_VNNI
     // sum_k q * (w + 128) - 128 * sum_k q  ==  sum_k q * w, exactly in int32.
-    const __m256i off = _mm256_set1_epi32(g.a_sum[m + i] * 128);
+    const __m256i off = _mm256_set1_epi32(g.a_offset[m + i]);
 #else
     const __m256i off = _mm256_setzero_si256();
 #endif
@@ -140,13 +140,15 @@ void quantize_rows_t(const QuantizeArgs& a, int64_t m0, int64_t m1) {
         const __m256 inv = _mm256_set1_ps(inv_s);
         // vpackssdw / vpacksswb interleave the 128-bit lanes: this puts the dwords back in order.
         const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        const int64_t base = m * a.ldx;
+        // Locals, not a.x / a.K: the int8 stores may alias the arguments struct (see the AVX-512 file).
+        const void* row = static_cast<const char*>(a.x) + m * a.ldx * kElem;
+        const int64_t K = a.K;
         __m256i vsum = _mm256_setzero_si256();
         int64_t k = 0;
-        for (; k + 32 <= a.K; k += 32) {
+        for (; k + 32 <= K; k += 32) {
           // cvtps rounds half to even (the default MXCSR mode); |x * inv| < 127.5, no clamp.
           __m256i r[4];
-          for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(load8<DT>(a.x, base + k + 8 * j), inv));
+          for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(load8<DT>(row, k + 8 * j), inv));
           vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3])));
           const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(bytes, order));
@@ -155,8 +157,8 @@ void quantize_rows_t(const QuantizeArgs& a, int64_t m0, int64_t m1) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
         int32_t sum = 0;
         for (int32_t v : lanes) sum += v;
-        for (; k < a.K; ++k) {
-          q[k] = quantize_one(load_as_float(a.x, DT, base + k), inv_s);
+        for (; k < K; ++k) {
+          q[k] = quantize_one(load_as_float(row, DT, k), inv_s);
           sum += q[k];
         }
         return sum;

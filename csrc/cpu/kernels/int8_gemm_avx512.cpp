@@ -15,6 +15,13 @@ namespace {
 constexpr int kMR = 6;
 constexpr int kNBLK = 4;
 
+// Four int8 activations as one int32, in every lane.
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
 template <int MR, int NBLK>
 void micro(const GemmArgs& g, int64_t m, int64_t nb) {
   const int64_t bb = block_bytes(g.K_pad);
@@ -35,9 +42,7 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
     for (int j = 0; j < NBLK; ++j) bv[j] = _mm512_loadu_si512(bp[j] + k4 * 64);
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      int32_t a4;
-      std::memcpy(&a4, ap + i * g.lda + k4 * 4, 4);
-      const __m512i av = _mm512_set1_epi32(a4);
+      const __m512i av = broadcast4(ap + i * g.lda + k4 * 4);
 #pragma GCC unroll 4
       for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], bv[j], av);
     }
@@ -51,10 +56,13 @@ void micro(const GemmArgs& g, int64_t m, int64_t nb) {
 #pragma GCC unroll 4
     for (int j = 0; j < NBLK; ++j) _mm512_store_si512(c[i][j], acc[i][j]);
 
+  ChannelBlock cbs[NBLK];
+  const int32_t* sums[NBLK];
   for (int j = 0; j < NBLK; ++j) {
-    const ChannelBlock cb = channel_block(g, (nb + j) * kBlockN);
-    for (int i = 0; i < MR; ++i) epilogue16(g, cb, _mm512_load_si512(c[i][j]), m + i);
+    cbs[j] = channel_block(g, (nb + j) * kBlockN);
+    sums[j] = c[0][j];
   }
+  epilogue_tile(g, cbs, NBLK, m, MR, sums, NBLK * kBlockN);
 }
 
 // One row against one block: a single sequential weight stream (the DRAM-friendly order for
@@ -65,15 +73,19 @@ void gemv_block(const GemmArgs& g, int64_t m, int64_t nb) {
   __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   const int64_t K4 = g.K_pad / 4;  // a multiple of 16
   for (int64_t k4 = 0; k4 < K4; k4 += 4) {
-    int32_t a[4];
-    std::memcpy(a, ap + k4 * 4, 16);
-    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(bp + k4 * 64), _mm512_set1_epi32(a[0]));
-    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(bp + k4 * 64 + 64), _mm512_set1_epi32(a[1]));
-    acc2 = _mm512_dpbusd_epi32(acc2, _mm512_loadu_si512(bp + k4 * 64 + 128), _mm512_set1_epi32(a[2]));
-    acc3 = _mm512_dpbusd_epi32(acc3, _mm512_loadu_si512(bp + k4 * 64 + 192), _mm512_set1_epi32(a[3]));
+    // One 4-byte group of q per step, broadcast straight from memory (through one 16-byte load
+    // and shifts, GCC added two register copies per accumulator and step).
+    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(bp + k4 * 64), broadcast4(ap + k4 * 4));
+    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(bp + k4 * 64 + 64), broadcast4(ap + k4 * 4 + 4));
+    acc2 = _mm512_dpbusd_epi32(acc2, _mm512_loadu_si512(bp + k4 * 64 + 128), broadcast4(ap + k4 * 4 + 8));
+    acc3 = _mm512_dpbusd_epi32(acc3, _mm512_loadu_si512(bp + k4 * 64 + 192), broadcast4(ap + k4 * 4 + 12));
   }
   const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(acc0, acc1), _mm512_add_epi32(acc2, acc3));
-  epilogue16(g, channel_block(g, nb * kBlockN), acc, m);
+  alignas(64) int32_t c[kBlockN];
+  _mm512_store_si512(c, acc);
+  const ChannelBlock cb = channel_block(g, nb * kBlockN);
+  const int32_t* sums[1] = {c};
+  epilogue_tile(g, &cb, 1, m, 1, sums, 0);
 }
 
 template <int NBLK>
@@ -163,11 +175,15 @@ void quantize_rows(const QuantizeArgs& a, int64_t m0, int64_t m1) {
   quantize_rows_with(
       a, m0, m1, [&](int64_t m) { return bits_to_float<DT>(absmax_bits<DT>(x + m * a.ldx * kElem, a.K)); },
       [&](int64_t m, float inv_s, int8_t* q) {
+        // Locals, not a.x / a.K: the int8 stores may alias the arguments struct, which would make
+        // the compiler reload its fields on every step.
+        const void* row = x + m * a.ldx * kElem;
+        const int64_t K = a.K;
         const __m512 inv = _mm512_set1_ps(inv_s);
         __m512i sum = _mm512_setzero_si512();
-        for (int64_t k = 0; k < a.K; k += 16) {
-          const __mmask16 mask = tail_mask(a.K - k);
-          const __m512 v = load16(a.x, DT, m * a.ldx + k, mask);
+        for (int64_t k = 0; k < K; k += 16) {
+          const __mmask16 mask = tail_mask(K - k);
+          const __m512 v = load16(row, DT, k, mask);
           // No clamp needed: |x| <= absmax and inv <= (127 / absmax)(1 + 2^-24), so |x * inv| < 127.5
           // rounds to at most 127 (the saturating vpmovsdb would catch anything else anyway).
           // Masked-off lanes load 0 and add 0 to the sum.

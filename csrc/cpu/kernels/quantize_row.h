@@ -35,7 +35,7 @@ inline void quantize_rows_with(const QuantizeArgs& a, int64_t m0, int64_t m1, Ab
       sum = quantize_row(m, inv, q);
       std::memset(q + a.K, 0, a.K_pad - a.K);
     }
-    if (a.row_sum) a.row_sum[m] = sum;
+    if (a.row_offset) a.row_offset[m] = 128 * sum;
   }
 }
 

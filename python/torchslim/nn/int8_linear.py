@@ -87,18 +87,20 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) float32|bfloat16|float16 -> (..., out_features) in x.dtype."""
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise RuntimeError(f"Int8Linear(in_features={self.in_features}): x must have {self.in_features} "
-                               f"features in its last dimension, got shape {list(x.shape)}")
+        # Buffers straight from _buffers and the ops as torch.ops handles: nn.Module.__getattr__
+        # and the wrapper calls cost microseconds, which show at decode (one token, small layers).
+        K, buffers = self.in_features, self._buffers
+        if x.dim() == 0 or x.shape[-1] != K:
+            raise RuntimeError(f"Int8Linear(in_features={K}): x must have {K} features in its last dimension, "
+                               f"got shape {list(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(lead.numel(), self.in_features)  # not -1: K = 0 leaves it ambiguous
-        if self.smooth_scale is not None:
-            x2 = x2 / self.smooth_scale.to(x2.dtype)
-        x2 = x2.contiguous()
-        if self.weight.device.type == "cpu":
-            y = ops.int8_linear_packed(x2, self.weight, self.weight_scale, self.bias)
-        else:
-            y = ops.int8_linear(x2, self.weight, self.weight_scale, self.bias)
+        x2 = x.reshape(lead.numel(), K)  # not -1: K = 0 leaves it ambiguous
+        smooth = buffers["smooth_scale"]
+        if smooth is not None:
+            x2 = x2 / smooth.to(x2.dtype)
+        w = buffers["weight"]
+        op = _INT8_LINEAR_PACKED if w.is_cpu else _INT8_LINEAR
+        y = op(x2.contiguous(), w, buffers["weight_scale"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     # ---- one weight copy per device layout -------------------------------------------------
@@ -181,6 +183,8 @@ class Int8Linear(nn.Module):
 
 
 _BUFFERS = ("weight", "weight_scale", "bias", "smooth_scale")
+_INT8_LINEAR = torch.ops.torchslim.int8_linear.default
+_INT8_LINEAR_PACKED = torch.ops.torchslim.int8_linear_packed.default
 
 
 def _check_features(in_features, out_features) -> None:
