@@ -12,7 +12,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 CUDA_BIN := $(CUDA_VENV)/bin
 
-.PHONY: venv install test demo bench cuda-venv cuda-check clean
+.PHONY: venv install test demo bench cuda-venv cuda-check sanitize clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,4 +49,23 @@ cuda-check: cuda-venv
 	cd .ci && ../$(CUDA_BIN)/python cuda_smoke.py
 
 clean:
-	rm -rf build $(VENV) $(CUDA_VENV)
+	rm -rf build $(VENV) $(CUDA_VENV) $(ASAN_VENV)
+
+# The op tests under AddressSanitizer + UndefinedBehaviorSanitizer (a third venv, a build with
+# TORCHSLIM_SANITIZE=ON). Python is not built with ASan: its runtime is preloaded, leak checks are
+# off (the interpreter's own allocations would drown the report), and any finding aborts the run.
+ASAN_VENV ?= .venv-asan
+ASAN_BIN := $(ASAN_VENV)/bin
+SANITIZE_TESTS ?= test_int8_linear.py test_int8_bad_inputs.py test_formats_int8.py test_int8_module.py
+
+$(ASAN_BIN)/python:
+	$(PY) -m venv $(ASAN_VENV)
+	$(ASAN_BIN)/pip install -q --upgrade pip
+	$(ASAN_BIN)/pip install -q "$(TORCH)" $(BUILD_DEPS)
+
+sanitize: $(ASAN_BIN)/python
+	$(ASAN_BIN)/pip install -q --no-build-isolation -C build-dir=build/asan \
+	  -C cmake.define.TORCHSLIM_SANITIZE=ON -C cmake.build-type=RelWithDebInfo ".[test]"
+	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ../$(ASAN_BIN)/python -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)

@@ -1,5 +1,9 @@
 """The INT8 W8A8 ops on the CPU, every kernel path (scalar, AVX2, AVX-512 VNNI, AMX) this CPU runs,
 against the float64 reference in torchslim.reference."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import UNIT_ROUNDOFF, FLOAT_DTYPES, assert_close_to_reference, examples, int8_linear_bad_inputs
@@ -337,3 +341,52 @@ def test_one_openmp_runtime_is_loaded():
     with open("/proc/self/maps") as maps:
         runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) <= 1, runtimes
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the CPU kernel path
+# ---------------------------------------------------------------------------------------------
+def run_with_isa_env(value: str) -> subprocess.CompletedProcess:
+    code = "import warnings; warnings.simplefilter('always'); import torchslim; print(torchslim.cpu_isa())"
+    env = dict(os.environ, TORCHSLIM_CPU_ISA=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_isa_environment_variable_is_case_insensitive():
+    import torchslim
+
+    wanted = torchslim._C.supported_cpu_isas()[0]  # scalar: every CPU runs it
+    done = run_with_isa_env(wanted.upper())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == wanted
+
+
+def test_unknown_isa_in_the_environment_is_an_error():
+    done = run_with_isa_env("bogus")
+    assert done.returncode != 0
+    assert "TORCHSLIM_CPU_ISA='bogus' is not an instruction set torchslim knows" in done.stderr
+
+
+def test_isa_this_cpu_lacks_is_reported_not_ignored():
+    import torchslim
+
+    missing = [isa for isa in torchslim._C.known_cpu_isas() if isa not in torchslim._C.supported_cpu_isas()]
+    if not missing:
+        pytest.skip("this CPU runs every kernel path")
+    done = run_with_isa_env(missing[0])
+    assert done.returncode == 0, done.stderr
+    assert f"TORCHSLIM_CPU_ISA='{missing[0]}': this CPU does not support it" in done.stderr
+    assert done.stdout.strip() == torchslim._C.best_cpu_isa()
+
+
+def test_set_cpu_isa_says_what_is_wrong():
+    import torchslim
+
+    with pytest.raises(ValueError, match="unknown instruction set 'avx9'; known: scalar, avx2, avx_vnni, avx512_vnni, amx"):
+        torchslim.set_cpu_isa("avx9")
+    before = torchslim.cpu_isa()
+    try:
+        torchslim.set_cpu_isa("SCALAR")
+        assert torchslim.cpu_isa() == "scalar"
+    finally:
+        torchslim.set_cpu_isa(before)

@@ -334,6 +334,7 @@ def test_cuda_autotuned_kernel_alone(M):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cuda_opcheck(dtype):
     x, w_q, w_scale, bias = make_case(5, 24, 70, dtype, dtype, 4, device="cuda")
+    x.requires_grad_()  # the autograd tests run too
     torch.library.opcheck(torch.ops.torchslim.int8_linear.default, (x, w_q, w_scale, bias))
     torch.library.opcheck(torch.ops.torchslim.int8_linear.default, (x, w_q, w_scale, None))
 

@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES
+from conftest import FLOAT_DTYPES, UNIT_ROUNDOFF
 from torch import nn
 
 import torchslim
@@ -340,3 +340,46 @@ def test_from_linear_on_meta_builds_a_meta_module():
     mod = Int8Linear.from_linear(nn.Linear(96, 80, device="meta"), smooth_scale=torch.ones(96, device="meta"))
     assert mod.weight.is_meta and mod.weight.shape == (80, 96) and mod.smooth_scale.is_meta
     assert mod(torch.randn(2, 96, device="meta")).shape == (2, 80)
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU (skipped without one)
+# ---------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_module_moves_to_cuda_and_back(dtype):
+    cpu_mod = Int8Linear.from_linear(linear(dtype=dtype), smooth_scale=torch.rand(96) + 0.5)
+    gpu_mod = copy.deepcopy(cpu_mod).cuda()
+    assert gpu_mod.weight.shape == (80, 96) and gpu_mod.weight.is_cuda  # the canonical layout off the CPU
+    for k, v in cpu_mod.state_dict().items():
+        assert torch.equal(gpu_mod.state_dict()[k].cpu(), v), k
+    x = torch.randn(3, 5, 96).to(dtype)
+    y = gpu_mod(x.cuda())
+    assert y.is_cuda and y.dtype == dtype
+    # Same quantization, same int32 sums, another epilogue rounding: within the dtype's rounding.
+    torch.testing.assert_close(y.cpu().float(), cpu_mod(x).float(), rtol=3 * UNIT_ROUNDOFF[dtype], atol=1e-5)
+    back = gpu_mod.cpu()
+    assert back.weight.dim() == 1 and torch.equal(back(x), cpu_mod(x))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_gradient_and_checkpoint():
+    mod = Int8Linear.from_linear(linear()).cuda()
+    x = torch.randn(4, 96, device="cuda", requires_grad=True)
+    dy = torch.randn(4, 80, device="cuda")
+    mod(x).backward(dy)
+    expected = dy @ mod.to_linear().weight.detach()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-5)
+    before = state_of(mod)
+    bad = dict(mod.state_dict())
+    bad["weight"] = bad["weight"].float()
+    with pytest.raises(RuntimeError, match="weight: expected int8"):
+        mod.load_state_dict(bad)
+    assert_unchanged(mod, before)
+    with pytest.raises(RuntimeError, match="int8_linear: w_q must be on cpu like x, got cuda"):
+        mod(torch.randn(2, 96))

@@ -20,6 +20,13 @@ inline int8_t quantize_one(float v, float inv) {
 template <class AbsMax, class QuantizeRow>
 inline void quantize_rows_with(const QuantizeArgs& a, int64_t m0, int64_t m1, AbsMax absmax_of,
                                QuantizeRow quantize_row) {
+  if (a.K_pad == 0) {  // K = 0: empty rows (and a q with no storage, which memset must not see)
+    for (int64_t m = m0; m < m1; ++m) {
+      a.scale[m] = 0.f;
+      if (a.row_offset) a.row_offset[m] = 0;
+    }
+    return;
+  }
   for (int64_t m = m0; m < m1; ++m) {
     const float absmax = absmax_of(m);
     int8_t* q = a.q + m * a.ldq;
