@@ -191,8 +191,10 @@ def test_packed_weight_records_its_shape():
         ops.int8_linear_packed(torch.randn(3, 64), packed, torch.ones(32))
     with pytest.raises(RuntimeError, match=r"int8_unpack_weight: w_packed was packed for a \(N=17, K=64\)"):
         ops.int8_unpack_weight(packed, 17, 60)
-    with pytest.raises(RuntimeError, match="int8_unpack_weight: N and K must be non-negative, got N=-5"):
+    with pytest.raises(RuntimeError, match=r"int8_unpack_weight: N and K must be in \[0, 2\*\*31\), got N=-5"):
         ops.int8_unpack_weight(packed, -5, 64)
+    with pytest.raises(RuntimeError, match=r"N and K must be in \[0, 2\*\*31\), got N=9223372036854775807"):
+        ops.int8_unpack_weight(packed, 2**63 - 1, 64)
     corrupt = packed.clone()
     corrupt[0] ^= 1
     with pytest.raises(RuntimeError, match="w_packed has no valid header"):

@@ -137,6 +137,9 @@ void check_packed(const at::Tensor& w_packed, int64_t N, int64_t K, const char* 
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 && w_packed.is_contiguous(), op,
               ": w_packed must be the contiguous 1-D int8 tensor int8_pack_weight returns, got ",
               w_packed.scalar_type(), " of shape ", w_packed.sizes());
+  // Below 2**31 each, the byte count below cannot overflow (and no real weight comes near).
+  TORCH_CHECK(N >= 0 && K >= 0 && N < (int64_t(1) << 31) && K < (int64_t(1) << 31), op,
+              ": N and K must be in [0, 2**31), got N=", N, ", K=", K);
   const int64_t expected = cpu::packed_bytes(N, K);
   TORCH_CHECK(w_packed.numel() >= cpu::kHeaderBytes, op, ": w_packed holds ", w_packed.numel(),
               " bytes, less than its ", cpu::kHeaderBytes, "-byte header");
@@ -153,7 +156,6 @@ void check_packed(const at::Tensor& w_packed, int64_t N, int64_t K, const char* 
 
 at::Tensor unpack_weight_cpu(const at::Tensor& w_packed, int64_t N, int64_t K) {
   const char* op = "int8_unpack_weight";
-  TORCH_CHECK(N >= 0 && K >= 0, op, ": N and K must be non-negative, got N=", N, ", K=", K);
   check_packed(w_packed, N, K, op);
   at::Tensor w = at::empty({N, K}, w_packed.options());
   cpu::unpack_weight(w_packed.data_ptr<int8_t>(), N, K, w.data_ptr<int8_t>());

@@ -87,6 +87,7 @@ def _check_packed(w_packed: Tensor, N, K, x: Tensor | None, op: str) -> None:
     _check(w_packed.dtype == torch.int8 and w_packed.dim() == 1 and w_packed.is_contiguous(),
            lambda: f"{op}: w_packed must be the contiguous 1-D int8 tensor int8_pack_weight returns, "
                    f"got {w_packed.dtype} of shape {list(w_packed.shape)}")
+    _check(0 <= N < 2**31 and 0 <= K < 2**31, lambda: f"{op}: N and K must be in [0, 2**31), got N={N}, K={K}")
     expected = packed_shape(N, K)[0]
     _check(w_packed.shape[0] == expected,
            lambda: f"{op}: w_packed holds {w_packed.shape[0]} bytes, but a packed (N={N}, K={K}) weight holds {expected}")
@@ -141,7 +142,6 @@ def int8_unpack_weight(w_packed: Tensor, N: int, K: int) -> Tensor:
 @torch.library.register_fake("torchslim::int8_unpack_weight")
 def _(w_packed: Tensor, N: int, K: int) -> Tensor:
     op = "int8_unpack_weight"
-    _check(N >= 0 and K >= 0, lambda: f"{op}: N and K must be non-negative, got N={N}, K={K}")
     _check_packed(w_packed, N, K, None, op)
     return w_packed.new_empty((N, K))
 
