@@ -7,7 +7,8 @@
 // gradient and otherwise goes straight to the kernel.
 //
 // Gradients (straight through the activation quantization, as the issue defines them):
-//   int8_linear(x, w_q, w_scale, bias):   dx = (dy * w_scale) @ w_q in x's dtype, dbias = sum_m dy;
+//   int8_linear(x, w_q, w_scale, bias):   dx = (dy * w_scale) @ w_q in x's dtype (float32 for float16
+//     x), dbias = sum_m dy;
 //     w_q is int8 (never differentiable); a w_scale that requires grad is an error at backward.
 //   int8_linear_packed: the same with w_q unpacked for the backward only (nothing kept between calls).
 //   quantize_per_token(x) -> (q, scale):   d scale / dx of absmax / 127, shared by tied maxima, 0 on
@@ -72,9 +73,11 @@ struct Int8LinearFunction : torch::autograd::Function<Int8LinearFunction<kPacked
     at::Tensor grad_x, grad_bias;
     if (ctx->needs_input_grad(0)) {
       const auto dtype = ctx->saved_data["x_dtype"].toScalarType();
-      // The dequantized weight exists only inside this call, in x's dtype (exact for int8 values).
+      // The dequantized weight exists only inside this call, in the compute dtype (exact for int8
+      // values): x's dtype, but float32 for float16, whose range dy * w_scale underflows.
+      const auto compute = dtype == at::kHalf ? at::kFloat : dtype;
       const at::Tensor w_q = kPacked ? unpack(weight, w_scale.sym_size(0), ctx->saved_data["K"].toSymInt()) : weight;
-      grad_x = at::mm((grad.to(at::kFloat) * w_scale).to(dtype), w_q.to(dtype));
+      grad_x = at::mm((grad.to(at::kFloat) * w_scale).to(compute), w_q.to(compute)).to(dtype);
     }
     // needs_input_grad counts the tensors given: bias is the fourth only when there is one.
     if (ctx->saved_data.count("bias_dtype") && ctx->needs_input_grad(3)) grad_bias = grad.to(at::kFloat).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
@@ -107,6 +110,7 @@ struct QuantizePerTokenFunction : torch::autograd::Function<QuantizePerTokenFunc
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& scale = saved[1];
+    if (x.sym_size(1) == 0) return {at::zeros_like(x)};  // no elements, scale 0: nothing depends on x
     const at::Tensor xf = x.to(at::kFloat);
     const at::Tensor a = xf.abs();
     const at::Tensor ties = a.eq(a.amax(1, /*keepdim=*/true)).to(at::kFloat);

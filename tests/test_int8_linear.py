@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import UNIT_ROUNDOFF, FLOAT_DTYPES, assert_close_to_reference, examples, int8_linear_bad_inputs
+from conftest import FLOAT_DTYPES, HALF_SUBNORMAL_SPACING, UNIT_ROUNDOFF, assert_close_to_reference, examples, int8_linear_bad_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,12 +91,17 @@ def test_packed_op_equals_plain_op(cpu_isa):
     assert torch.equal(ops.int8_linear_packed(x, packed, w_scale, bias), ops.int8_linear(x, w_q, w_scale, bias))
 
 
-def test_kernel_paths_agree():
-    # Every ISA computes the same integers and the same epilogue: outputs agree to the bit.
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kernel_paths_agree(dtype):
+    # Every ISA computes the same integers and the same epilogue: outputs agree to the bit, NaNs
+    # included (a NaN bias, and a row whose output overflows against an -Inf bias).
     import torchslim
     from conftest import available_isas
 
-    x, w_q, w_scale, bias = make_case(70, 100, 333, torch.float32, True, 1)
+    x, w_q, w_scale, bias = make_case(70, 100, 333, dtype, True, 1)
+    bias[3] = -float("nan")
+    bias[5] = -float("inf")
+    x[7] = x[7].float() * 1e30 if dtype != torch.float16 else x[7]
     before = torchslim.cpu_isa()
     outs = {}
     try:
@@ -106,8 +111,9 @@ def test_kernel_paths_agree():
     finally:
         torchslim.set_cpu_isa(before)
     first = outs["scalar"]
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
     for isa, out in outs.items():
-        assert torch.equal(out, first), isa
+        assert torch.equal(out.view(bits), first.view(bits)), isa
 
 
 def test_quantization_error_is_within_half_a_step():
@@ -290,15 +296,35 @@ def test_gradient_is_that_of_the_dequantized_layer(packed, dtype):
     op(x, w, w_scale, bias).backward(dy)
     w_deq = w_q.double() * w_scale.double()[:, None]
     expected_dx = dy.double() @ w_deq
-    # One rounding of dy * w_scale to the dtype, then a product over N = 24 terms: the classical
-    # bound (N + 2) u |dy| |w| (Higham, Accuracy and Stability of Numerical Algorithms, 3.5).
-    u = UNIT_ROUNDOFF[dtype]
+    # One rounding of dy * w_scale to the compute dtype (float32 for float16), a product over
+    # N = 24 terms: the classical bound (N + 2) u |dy| |w| (Higham, Accuracy and Stability of
+    # Numerical Algorithms, 3.5); then the rounding to x's dtype.
+    u = UNIT_ROUNDOFF[torch.float32 if dtype == torch.float16 else dtype]
     bound = (24 + 2) * u * (dy.double().abs() @ w_deq.abs()) + 1e-30
+    bound = bound + UNIT_ROUNDOFF[dtype] * expected_dx.abs() + HALF_SUBNORMAL_SPACING[dtype]
     assert x.grad.dtype == dtype and ((x.grad.double() - expected_dx).abs() <= bound).all()
     assert bias.grad.dtype == dtype
     # A sum over M = 6 rows in float32, rounded once to the dtype.
-    bias_bound = 6 * UNIT_ROUNDOFF[torch.float32] * dy.double().abs().sum(0) + u * dy.double().sum(0).abs()
+    bias_bound = 6 * UNIT_ROUNDOFF[torch.float32] * dy.double().abs().sum(0) + UNIT_ROUNDOFF[dtype] * dy.double().sum(0).abs()
     assert ((bias.grad.double() - dy.double().sum(0)).abs() <= bias_bound).all()
+
+
+def test_float16_gradient_does_not_underflow():
+    # dy * w_scale = 1e-8 is below float16's smallest subnormal: the product must not be formed there.
+    w_q = torch.randint(-127, 128, (1024, 64), generator=torch.Generator().manual_seed(11), dtype=torch.int8)
+    w_scale = torch.full((1024,), 1e-4)
+    x = torch.randn(4, 64, dtype=torch.float16, requires_grad=True)
+    y = ops.int8_linear(x, w_q, w_scale)
+    dy = torch.full_like(y, 1e-4)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    expected = dy.double() @ (w_q.double() * 1e-4)
+    torch.testing.assert_close(dx.double(), expected, rtol=2e-3, atol=1e-7)
+
+
+def test_quantize_per_token_gradient_with_no_columns():
+    x = torch.randn(3, 0, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.quantize_per_token(x)[1].sum(), x)
+    assert g.shape == (3, 0)
 
 
 def test_gradient_through_a_residual_block_reaches_every_branch():

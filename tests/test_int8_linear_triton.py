@@ -240,12 +240,12 @@ def test_cuda_op_argument_checks(name, args, message):
         _cuda_registration._int8_linear_cuda(*args)
 
 
-def test_scale_check_is_redone_after_an_inplace_change():
+def test_finite_scale_check_is_redone_after_an_inplace_change():
     s = torch.ones(8)
-    assert _cuda_registration._checked_scale_range(s, "int8_linear") == kernels.safe_row_scale_range(s)
+    _cuda_registration._check_finite_scale(s, "int8_linear")  # checked and remembered
     s[3] = float("inf")
     with pytest.raises(RuntimeError, match=r"w_scale\[3\] is inf"):
-        _cuda_registration._checked_scale_range(s, "int8_linear")
+        _cuda_registration._check_finite_scale(s, "int8_linear")
 
 
 def test_packed_op_on_cuda_arguments_says_what_to_use():
@@ -268,11 +268,12 @@ def test_epilogue_never_makes_nan_from_an_overflowing_scale_product():
     x[0, 0] = 3e38
     x[1] = torch.randn(K) * 1e-28
     x[2] = torch.randn(K)
+    x[2, 0] = 7.123265e34  # a row scale times 606686.1 lands within one float32 ulp of FLT_MAX
     w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     w_q[:, 0] = 0
     bias = torch.randn(N)
     q, s = reference.quantize_per_token(x)
-    for w_scale in (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12):
+    for w_scale in (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12, torch.tensor([606686.1] * N)):
         out = int8_matmul_dequant(*(t.to(DEVICE) for t in (q, s, w_q, w_scale, bias)), torch.float32, config=TILES).cpu()
         ref = reference_from_quantized(q, s, w_q, w_scale, bias)
         assert torch.equal(out[0], bias)
@@ -363,3 +364,18 @@ def test_cuda_op_under_torch_compile():
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
+@needs_kernel_device
+def test_epilogue_adds_the_bias_in_one_rounding():
+    # acc * s = 1.5 FLT_MAX is beyond float32, acc * s + bias = 5e37 is not: an fma gives it.
+    q = torch.zeros(1, 64, dtype=torch.int8)
+    q[0, 0] = 127
+    w_q = torch.zeros(1, 64, dtype=torch.int8)
+    w_q[0, 0] = 127
+    w_scale = torch.tensor([3.5e38 / 16129])
+    bias = torch.tensor([-3e38])
+    out = int8_matmul_dequant(*(t.to(DEVICE) for t in (q, torch.ones(1), w_q, w_scale, bias)), torch.float32, config=TILES)
+    ref = reference_from_quantized(q, torch.ones(1), w_q, w_scale, bias)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-6, atol=0)

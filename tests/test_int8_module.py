@@ -383,3 +383,94 @@ def test_cuda_gradient_and_checkpoint():
     assert_unchanged(mod, before)
     with pytest.raises(RuntimeError, match="int8_linear: w_q must be on cpu like x, got cuda"):
         mod(torch.randn(2, 96))
+
+
+# ---------------------------------------------------------------------------------------------
+# found by an adversarial pass over the hardening (each was a defect)
+# ---------------------------------------------------------------------------------------------
+def test_float16_input_with_a_smooth_scale_stays_finite():
+    # x / s overflows float16 (100 / 1e-3), and s = 1e-8 underflows in it: the division is float32.
+    lin = linear(K=8, N=4)
+    for s in (1e-3, 1e-8):
+        mod = Int8Linear.from_linear(lin, smooth_scale=torch.full((8,), s))
+        x = torch.full((2, 8), 100.0)
+        y = mod(x.half())
+        assert y.dtype == torch.float16 and torch.isfinite(y).all()
+        torch.testing.assert_close(y.float(), mod(x), rtol=2e-3, atol=1e-2)
+
+
+def test_integer_input_is_refused_with_or_without_smooth_scale():
+    for s in (None, torch.ones(96)):
+        with pytest.raises(RuntimeError, match="Int8Linear: x must be float32, bfloat16 or float16, got torch.int64"):
+            Int8Linear.from_linear(linear(), smooth_scale=s)(torch.randint(0, 3, (2, 96)))
+
+
+def test_float64_layers_are_refused_up_front():
+    with pytest.raises(TypeError, match="the layer is torch.float64.*convert the model"):
+        Int8Linear.from_linear(linear(dtype=torch.float64))
+
+
+def test_meta_tensors_in_a_checkpoint_are_refused_before_writing():
+    mod = Int8Linear.from_linear(linear())
+    before = state_of(mod)
+    sd = dict(Int8Linear.from_linear(linear(seed=3)).state_dict())
+    sd["bias"] = sd["bias"].to("meta")
+    with pytest.raises(RuntimeError, match="bias: a meta tensor has no values to copy"):
+        mod.load_state_dict(sd)
+    assert_unchanged(mod, before, torch.randn(2, 96))
+
+
+def test_inference_tensors_are_refused_before_writing():
+    with torch.inference_mode():
+        mod = Int8Linear.from_linear(linear())
+    before = state_of(mod)
+    with pytest.raises(RuntimeError, match="inference tensors"):
+        mod.load_state_dict(Int8Linear.from_linear(linear(seed=4)).state_dict())
+    assert_unchanged(mod, before)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_non_contiguous_and_parameter_tensors_load(assign):
+    src = Int8Linear.from_linear(linear())
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    sd["weight"] = sd["weight"].t().contiguous().t()
+    sd["weight_scale"] = torch.stack([sd["weight_scale"]] * 2, 1)[:, 0]
+    sd["bias"] = nn.Parameter(sd["bias"])
+    assert not sd["weight"].is_contiguous() and not sd["weight_scale"].is_contiguous()
+    mod = Int8Linear(96, 80)
+    mod.load_state_dict(sd, assign=assign)
+    assert [n for n, _ in mod.named_buffers()] == ["weight", "weight_scale", "bias"] and list(mod.parameters()) == []
+    x = torch.randn(3, 96)
+    assert torch.equal(mod(x), src(x))
+
+
+def test_conversions_to_other_kinds_of_numbers_are_refused():
+    mod = Int8Linear.from_linear(linear())
+    before = state_of(mod)
+    for convert in (lambda m: m.type(torch.int8), lambda m: m.to(torch.complex64)):
+        with pytest.raises(TypeError, match="Int8Linear: this conversion would turn"):
+            convert(mod)
+        assert_unchanged(mod, before, torch.randn(2, 96))
+
+
+def test_to_empty_on_cpu_keeps_a_valid_layout():
+    mod = Int8Linear.from_linear(linear()).to_empty(device="cpu")
+    assert mod.state_dict()["weight"].shape == (80, 96)
+    assert mod(torch.randn(2, 96)).shape == (2, 80)
+
+
+def test_kernels_run_on_a_thread_with_a_small_stack():
+    import threading
+
+    mod = Int8Linear.from_linear(linear(K=256, N=64))
+    x = torch.randn(64, 256)
+    expected = mod(x)
+    result = {}
+    old = threading.stack_size(32 * 1024)  # the smallest Python allows
+    try:
+        t = threading.Thread(target=lambda: result.setdefault("y", mod(x)))
+        t.start()
+        t.join()
+    finally:
+        threading.stack_size(old)
+    assert torch.equal(result["y"], expected)

@@ -161,3 +161,28 @@ def test_a_model_on_meta_is_patched_and_loads_a_checkpoint():
     model.load_state_dict(src.state_dict(), assign=True)
     x = torch.randn(2, 64)
     assert torch.equal(model(x), src(x))
+
+
+def test_filter_fn_must_be_callable():
+    with pytest.raises(TypeError, match="filter_fn must be callable"):
+        patch_model(TinyBlock(), "int8", filter_fn=5)
+
+
+def test_forward_hooks_move_to_the_compressed_layer():
+    model = TinyBlock()
+    seen = []
+    handle = model.mlp[0].register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    patch_model(model, "int8")
+    model(torch.randn(2, 64))
+    assert seen == ["Int8Linear"]
+    handle.remove()  # the user's handle still works
+    model(torch.randn(2, 64))
+    assert seen == ["Int8Linear"]
+
+
+def test_smooth_scale_of_a_shared_layer_under_any_name():
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    s = torch.rand(16) + 0.5
+    patch_model(model, torchslim.Int8Config(smooth_scales={"2": s}))
+    assert torch.equal(model[0].smooth_scale, s) and model[0] is model[2]

@@ -17,43 +17,36 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .ops import _FLOATS, check_int8_linear_args, check_int8_linear_packed_args
 
-# w_scale tensors already checked, with the (version, data_ptr) they had then and what the check
-# found: finite values, and the range of row scales the float32 epilogue handles exactly
-# (safe_row_scale_range). Both read the tensor back to the host, a device sync; weights do not
-# change between calls, so the sync happens once per weight instead of once per forward (which
-# would also stall the CPU behind the GPU and forbid CUDA-graph capture of every later call).
-_scale_facts: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# Where nothing is known (first call inside a CUDA-graph capture): every non-zero row scale takes
-# the float64 epilogue, which is exact for all.
-_UNKNOWN_RANGE = (float("inf"), 0.0)
+# w_scale tensors already seen to be finite, with the (version, data_ptr) they had then. Checking
+# finiteness reads the tensor back to the host, a device sync; weights do not change between
+# calls, so the sync happens once per weight instead of once per forward (which would also stall
+# the CPU behind the GPU and forbid CUDA-graph capture of every later call). Writes that bypass
+# the version counter (through .data, or to an inference tensor in place) are not seen: a
+# non-finite scale written so only makes its output column non-finite, as in a float GEMM.
+_finite_scales: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _checked_scale_range(w_scale: Tensor, op: str) -> tuple[float, float]:
+def _check_finite_scale(w_scale: Tensor, op: str) -> None:
     # Inference tensors have no version counter; their storage address is the stamp then.
     stamp = (None if w_scale.is_inference() else w_scale._version, w_scale.data_ptr())
-    known = _scale_facts.get(w_scale)
-    if known is not None and known[0] == stamp:
-        return known[1]
+    if _finite_scales.get(w_scale) == stamp:
+        return
     if w_scale.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A host read is illegal during capture. The finite check is a value check, not a
-        # memory-safety one: a non-finite scale only makes its output column non-finite. Run the
-        # op once before capturing (the usual warm-up) to have it done.
-        return _UNKNOWN_RANGE
+        # A host read is illegal during capture. This is a value check, not a memory-safety one:
+        # a non-finite scale only makes its output column non-finite. Run the op once before
+        # capturing (the usual warm-up) to have the check done.
+        return
     bad = ~torch.isfinite(w_scale)
     if bool(bad.any()):
         n = int(bad.nonzero()[0, 0])
         raise RuntimeError(f"{op}: w_scale[{n}] is {w_scale[n].item()}; scales must be finite")
-    from torchslim.triton_kernels.int8_linear import safe_row_scale_range
-
-    facts = safe_row_scale_range(w_scale)
-    _scale_facts[w_scale] = (stamp, facts)
-    return facts
+    _finite_scales[w_scale] = stamp
 
 
 def _int8_linear_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     # The same checks, in the same words, as the CPU op (csrc/cpu/int8_linear.cpp) and the fake.
     check_int8_linear_args(x, w_q, w_scale, bias)
-    scale_range = _checked_scale_range(w_scale, "int8_linear")
+    _check_finite_scale(w_scale, "int8_linear")
     M, N = x.shape[0], w_q.shape[0]
     if M == 0 or N == 0:
         return x.new_empty((M, N))
@@ -64,7 +57,7 @@ def _int8_linear_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | No
     q, x_scale = torch.ops.torchslim.quantize_per_token.default(x)
     from torchslim.triton_kernels.int8_linear import int8_matmul_dequant
 
-    return int8_matmul_dequant(q, x_scale, w_q, w_scale, bias, x.dtype, a_scale_range=scale_range)
+    return int8_matmul_dequant(q, x_scale, w_q, w_scale, bias, x.dtype)
 
 
 def triton_available() -> bool:

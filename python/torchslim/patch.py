@@ -19,7 +19,8 @@ class Int8Config:
     """W8A8: per-channel int8 weights, per-token int8 activations (Int8Linear).
 
     filter_fn(module, fqn) -> bool chooses the nn.Linear layers to swap (default: all).
-    smooth_scales maps a layer's fully qualified name to its SmoothQuant scale (in_features,).
+    smooth_scales maps a layer's fully qualified name (any of them, for a shared layer) to its
+    SmoothQuant scale (in_features,).
     """
 
     filter_fn: FilterFn | None = None
@@ -29,8 +30,13 @@ class Int8Config:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("filter_fn must be callable(module, fqn) -> bool")
 
-    def convert(self, linear: nn.Linear, fqn: str) -> nn.Module:
-        return Int8Linear.from_linear(linear, smooth_scale=self.smooth_scales.get(fqn))
+    def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
+        """The compressed module of linear, reachable in the model under names."""
+        given = [name for name in names if name in self.smooth_scales]
+        if len(given) > 1 and any(self.smooth_scales[n] is not self.smooth_scales[given[0]] for n in given):
+            raise ValueError(f"Int8Config.smooth_scales gives the shared layer {names[0]} several scales "
+                             f"(under {', '.join(given)})")
+        return Int8Linear.from_linear(linear, smooth_scale=self.smooth_scales[given[0]] if given else None)
 
 
 _SHORTCUTS = {"int8": Int8Config}
@@ -102,11 +108,20 @@ def _sites(model: nn.Module, wanted, caller: str) -> dict[int, tuple[nn.Module, 
     return sites
 
 
+# The hooks that watch a layer's inputs and outputs, which the replacement has too: it takes over
+# the very dicts, so the handles users hold still remove them.
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Module]]) -> None:
-    """Puts each new module at every name of its old one; all or nothing."""
+    """Puts each new module at every name of its old one, with its forward hooks; all or nothing."""
     done = []
     try:
         for names, old, new in swaps:
+            for attr in _FORWARD_HOOK_DICTS:
+                if hasattr(old, attr):
+                    setattr(new, attr, getattr(old, attr))
             for fqn in names:
                 _set_submodule(model, fqn, new)
                 done.append((fqn, old))
@@ -127,6 +142,8 @@ def patch_model(model: nn.Module, config: str | Int8Config, filter_fn: FilterFn 
     Returns a PatchReport; unpatch_model(model) swaps back.
     """
     config = _resolve_config(config)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"patch_model: filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
     keep = filter_fn or config.filter_fn or (lambda module, fqn: True)
     sites = _sites(model, lambda m: type(m) is nn.Linear, "patch_model")
     report = PatchReport(method=type(config).__name__)
@@ -139,7 +156,7 @@ def patch_model(model: nn.Module, config: str | Int8Config, filter_fn: FilterFn 
             raise ValueError(f"patch_model: the layer {names[0]} is shared (also reachable as "
                              f"{', '.join(names[1:])}) but the filter accepts only {', '.join(accepted)}; "
                              "compressing one site would break the tie")
-        new = config.convert(linear, names[0])
+        new = config.convert(linear, tuple(names))
         swaps.append((names, linear, new))
         report.layers.append(PatchedLayer(names[0], linear.in_features, linear.out_features,
                                           _module_bytes(linear), _module_bytes(new), tuple(names[1:])))

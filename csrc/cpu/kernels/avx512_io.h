@@ -27,8 +27,11 @@ inline void store16(void* p, Dtype dt, int64_t i, __m512 v, __mmask16 mask) {
   switch (dt) {
     case Dtype::BF16: {
 #ifdef __AVX512BF16__
-      // One instruction (round to nearest even) where the file is built for AVX512_BF16 (AMX).
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      // One instruction (round to nearest even) where the file is built for AVX512_BF16 (AMX);
+      // NaN made the quiet NaN 0x7FC0, as on the other paths (it keeps the sign and payload).
+      const __m256i h = _mm256_mask_mov_epi16((__m256i)_mm512_cvtneps_pbh(v), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                              _mm256_set1_epi16(0x7FC0));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, mask, h);
       break;
 #endif
       // Round to nearest even; NaN becomes the quiet NaN 0x7FC0, as c10::BFloat16 does.

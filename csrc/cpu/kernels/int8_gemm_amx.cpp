@@ -80,7 +80,8 @@ void accumulate(const GemmArgs& g, int64_t m, int64_t nb, int64_t k0, int64_t k1
 void gemm_tile_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   configure_tiles();
   constexpr int64_t kMaxPairs = 8;
-  alignas(64) int32_t c[kMaxPairs][kRows * 32];
+  // 32 KiB of accumulators: per thread, not on the stack (a thread with a small stack crashed).
+  alignas(64) static thread_local int32_t c[kMaxPairs][kRows * 32];
   for (int64_t nbs = nb0; nbs < nb1; nbs += 2 * kMaxPairs) {
     const int64_t nbe = nb1 - nbs < 2 * kMaxPairs ? nb1 : nbs + 2 * kMaxPairs;
     ChannelBlock cbs[2 * kMaxPairs];

@@ -19,6 +19,8 @@ K) are never read into an output: activations are zero there and extra channels 
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,19 @@ def packed_shape(N: int, K: int) -> tuple[int]:
     """The shape of the packed (N, K) weight: (header + blocks,) bytes."""
     k_pad = -(-K // PAD_K) * PAD_K
     return (HEADER_BYTES + -(-N // BLOCK_N) * BLOCK_N * k_pad,)
+
+
+_MAGIC = b"TSLMI8PK"
+_VERSION = 2
+
+
+def has_header(packed: Tensor, N: int, K: int) -> bool:
+    """Whether a CPU tensor is a packed (N, K) weight by its size and header (meta: by size)."""
+    if packed.dtype != torch.int8 or packed.dim() != 1 or packed.numel() != packed_shape(N, K)[0]:
+        return False
+    if packed.is_meta:
+        return True
+    return packed[:32].numpy().tobytes() == _MAGIC + struct.pack("<IIqq", _VERSION, BLOCK_N, N, K)
 
 
 # The smallest positive normal float32: a smooth scale below it has an infinite reciprocal (x / s

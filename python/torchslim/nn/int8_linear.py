@@ -49,8 +49,9 @@ class Int8Linear(nn.Module):
             raise TypeError(f"Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_features(linear.in_features, linear.out_features)
         w = linear.weight.detach()
-        if not w.is_floating_point():
-            raise TypeError(f"Int8Linear.from_linear: the weight must be floating point, got {w.dtype}")
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"Int8Linear.from_linear: the layer is {w.dtype}, but Int8Linear computes with float32, "
+                            "bfloat16 or float16 activations; convert the model (e.g. .float()) first")
         if smooth_scale is not None:
             smooth_scale = _checked_smooth_scale(smooth_scale.detach().to(w.device), linear.in_features)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -93,20 +94,27 @@ class Int8Linear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != K:
             raise RuntimeError(f"Int8Linear(in_features={K}): x must have {K} features in its last dimension, "
                                f"got shape {list(x.shape)}")
+        if x.dtype not in _FLOATS:
+            raise RuntimeError(f"Int8Linear: x must be float32, bfloat16 or float16, got {x.dtype}")
         lead = x.shape[:-1]
         x2 = x.reshape(lead.numel(), K)  # not -1: K = 0 leaves it ambiguous
         smooth = buffers["smooth_scale"]
-        if smooth is not None:
-            x2 = x2 / smooth.to(x2.dtype)
         w = buffers["weight"]
         op = _INT8_LINEAR_PACKED if w.is_cpu else _INT8_LINEAR
-        y = op(x2.contiguous(), w, buffers["weight_scale"], buffers["bias"])
+        if smooth is not None and x2.dtype == torch.float16:
+            # x / s can leave float16's range (and s underflow in it): divide in float32, where
+            # the op then runs, and round the output to float16 once.
+            y = op(x2.float() / smooth, w, buffers["weight_scale"], buffers["bias"]).half()
+        else:
+            if smooth is not None:
+                x2 = x2 / smooth.to(x2.dtype)
+            y = op(x2.contiguous(), w, buffers["weight_scale"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     # ---- one weight copy per device layout -------------------------------------------------
     def _device_layout(self, w: Tensor) -> Tensor:
         """The (N, K) int8 weight w in the layout its device's kernel reads."""
-        return ops.int8_pack_weight(w) if w.device.type == "cpu" else w
+        return ops.int8_pack_weight(w.contiguous()) if w.device.type == "cpu" else w.contiguous()
 
     def canonical_weight(self) -> Tensor:
         """The (N, K) int8 weight, whatever layout the module holds now."""
@@ -118,14 +126,20 @@ class Int8Linear(nn.Module):
         # .to() / .cuda() / .cpu() / share_memory() / to_empty() ...: where the weight's layout
         # stays (CPU to CPU, or between other devices), fn is applied to the weight as it is (so
         # an in-place fn like share_memory_ reaches the packed tensor); where it changes, the
-        # canonical weight is moved and laid out anew. An empty int8 probe tells which, before
+        # canonical weight is moved and laid out anew. Empty probes tell which, and refuse a
+        # conversion of the int8 weight or of the float buffers to another kind of number, before
         # anything changes. A dtype cast (.half(), .to(torch.bfloat16)) converts the bias with
         # the model but not the float32 scales: they follow the device only, with exact values.
-        probe = fn(torch.empty(0, dtype=torch.int8, device=self.weight.device))
+        device = self.weight.device
+        probe = fn(torch.empty(0, dtype=torch.int8, device=device))
         if probe.dtype != torch.int8:
             raise TypeError(f"Int8Linear: this conversion would turn the int8 weight into {probe.dtype}; "
                             "use to_linear() for a float layer")
-        here_cpu, there_cpu = self.weight.device.type == "cpu", probe.device.type == "cpu"
+        float_probe = fn(torch.empty(0, dtype=torch.float32, device=device))
+        if not float_probe.is_floating_point():
+            raise TypeError(f"Int8Linear: this conversion would turn the float buffers (bias, scales) into "
+                            f"{float_probe.dtype}")
+        here_cpu, there_cpu = device.type == "cpu", probe.device.type == "cpu"
         before = dict(self._buffers)
         try:
             if here_cpu and not there_cpu:
@@ -135,8 +149,14 @@ class Int8Linear(nn.Module):
                 after = self._buffers[name]
                 if after is not None and after.dtype != torch.float32:
                     self._buffers[name] = before[name].to(after.device)
+            w = self._buffers["weight"]
             if there_cpu and not here_cpu:
-                self._buffers["weight"] = ops.int8_pack_weight(self._buffers["weight"])
+                self._buffers["weight"] = ops.int8_pack_weight(w)
+            elif here_cpu and there_cpu and not int8_format.has_header(w, self.out_features, self.in_features):
+                # fn made new bytes without copying them (to_empty): an uninitialized weight, but a
+                # valid packed layout (zeros) rather than a tensor every later call would refuse.
+                self._buffers["weight"] = ops.int8_pack_weight(
+                    torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=w.device))
         except BaseException:
             self._buffers.clear()
             self._buffers.update(before)
@@ -149,30 +169,52 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Everything incoming is checked before anything is written: a bad checkpoint is reported
-        # (load_state_dict raises with all messages) and leaves the module as it was.
-        incoming = {name: state_dict[prefix + name] for name in _BUFFERS
-                    if prefix + name in state_dict and self._buffers[name] is not None}
+        # The base loader writes as it goes and reports problems after; this one checks the incoming
+        # tensors first and writes nothing when one is wrong, so a checkpoint that fails here leaves
+        # this module as it was. Missing and unexpected keys are reported as nn.Module does: the
+        # strict check is made by load_state_dict after every module has loaded (strict arrives here
+        # always True), so keys present are loaded even when another is missing.
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        ours = [name for name in _BUFFERS if self._buffers[name] is not None]
+        incoming = {name: state_dict[prefix + name] for name in ours if prefix + name in state_dict}
+        missing = [prefix + name for name in ours if name not in incoming]
+        unexpected = [key for key in state_dict if key.startswith(prefix) and key != prefix + "_extra_state"
+                      and key[len(prefix):] not in ours]
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        missing_keys.extend(missing)
+        unexpected_keys.extend(unexpected)
         problems = int8_format.checkpoint_problems(incoming, self.out_features, self.in_features)
+        if not assign:
+            problems += _copy_problems(self._buffers, incoming)
         if problems:
             error_msgs.extend(f"{prefix}{problem}" for problem in problems)
             return
-        assign = local_metadata.get("assign_to_params_buffers", False)
-        old_weight = self._buffers["weight"]
-        if "weight" in incoming:
-            w = incoming["weight"]
-            # The new weight in its device layout, made before any write (it may fail: memory).
-            new_weight = self._device_layout(w if assign else w.to(old_weight.device))
-            # The base loader then sees an (N, K) weight and copies the checkpoint onto itself
-            # (or assigns it); the layout made above replaces it afterwards.
-            self._buffers["weight"] = w.detach()
+        incoming = {name: t.detach() for name, t in incoming.items()}
+        if assign:  # the checkpoint's tensors (contiguous, the weight laid out for its device)
+            values = {name: t.contiguous() for name, t in incoming.items()}
+            if "weight" in values:
+                values["weight"] = self._device_layout(values["weight"])
+            self._buffers.update(values)
+            return
+        # In place (tied tensors, shared memory and CUDA graphs keep seeing these buffers). What can
+        # fail is done first; the small buffers are copied back if a later copy fails.
+        new_weight = (self._device_layout(incoming["weight"].to(self._buffers["weight"].device))
+                      if "weight" in incoming else None)
+        backup = {}
         try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            with torch.no_grad():
+                for name, t in incoming.items():
+                    if name != "weight":
+                        backup[name] = self._buffers[name].clone()
+                        self._buffers[name].copy_(t)
+                if new_weight is not None:
+                    self._buffers["weight"].copy_(new_weight)
         except BaseException:
-            self._buffers["weight"] = old_weight
+            with torch.no_grad():
+                for name, old in backup.items():
+                    self._buffers[name].copy_(old)
             raise
-        self._buffers["weight"] = new_weight if "weight" in incoming else old_weight
 
     def extra_repr(self) -> str:
         dense = self.in_features * self.out_features * torch.finfo(self.orig_dtype).bits // 8
@@ -183,8 +225,22 @@ class Int8Linear(nn.Module):
 
 
 _BUFFERS = ("weight", "weight_scale", "bias", "smooth_scale")
+_FLOATS = ops._FLOATS
 _INT8_LINEAR = torch.ops.torchslim.int8_linear.default
 _INT8_LINEAR_PACKED = torch.ops.torchslim.int8_linear_packed.default
+
+
+def _copy_problems(buffers: dict, incoming: dict) -> list[str]:
+    """What would make copying the incoming tensors into the buffers fail midway."""
+    problems = []
+    for name, t in incoming.items():
+        target = buffers[name]
+        if isinstance(t, Tensor) and t.is_meta and not target.is_meta:
+            problems.append(f"{name}: a meta tensor has no values to copy (load it with assign=True)")
+        if target.is_inference() and not torch.is_inference_mode_enabled():
+            problems.append(f"{name}: the module's buffers are inference tensors, which can only be written "
+                            "under torch.inference_mode() (or load with assign=True)")
+    return problems
 
 
 def _check_features(in_features, out_features) -> None:
