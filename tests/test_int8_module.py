@@ -474,3 +474,84 @@ def test_kernels_run_on_a_thread_with_a_small_stack():
     finally:
         threading.stack_size(old)
     assert torch.equal(result["y"], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# found by a second adversarial pass (each was a defect)
+# ---------------------------------------------------------------------------------------------
+def test_dtype_conversions_follow_the_model_and_float64_is_refused():
+    mod = Int8Linear.from_linear(linear())
+    mod.half()
+    assert mod.orig_dtype == torch.float16 and mod.to_linear().weight.dtype == torch.float16
+    mod.to(torch.bfloat16)
+    assert mod.to_linear().weight.dtype == torch.bfloat16 and mod.bias.dtype == torch.bfloat16
+    before = state_of(mod)
+    for convert in (lambda m: m.double(), lambda m: m.to(torch.float8_e4m3fn)):
+        with pytest.raises(TypeError, match="Int8Linear runs on float32, bfloat16 or float16"):
+            convert(mod)
+        assert_unchanged(mod, before, torch.randn(2, 96, dtype=torch.bfloat16))
+
+
+def test_export_with_a_dynamic_batch():
+    mod = Int8Linear.from_linear(linear())
+    exported = torch.export.export(mod, (torch.randn(3, 96),), dynamic_shapes=({0: torch.export.Dim("M")},))
+    x = torch.randn(5, 96)
+    assert torch.equal(exported.module()(x), mod(x))
+
+
+def test_a_subclass_and_children_load_through_nn_module():
+    class WithExtra(Int8Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra = nn.Parameter(torch.zeros(3))
+            self.adapter = nn.Linear(2, 2)
+
+    a, b = WithExtra(96, 80), WithExtra(96, 80)
+    with torch.no_grad():
+        a.extra.fill_(5)
+        a.weight_scale.fill_(0.5)
+    result = b.load_state_dict(a.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(b.extra, a.extra) and torch.equal(b.adapter.weight, a.adapter.weight)
+    assert torch.equal(b.weight_scale, a.weight_scale)
+    sd = a.state_dict()
+    sd["nonsense"] = torch.zeros(1)
+    del sd["bias"]
+    result = b.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == ["nonsense"]
+
+
+def test_load_under_inference_mode_keeps_a_trainable_module():
+    src = Int8Linear.from_linear(linear())
+    mod = Int8Linear(96, 80)
+    with torch.inference_mode():
+        mod.load_state_dict(src.state_dict(), assign=True)
+    assert not any(b.is_inference() for b in mod.buffers())
+    x = torch.randn(2, 96, requires_grad=True)
+    mod(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_a_bias_that_overflows_the_module_dtype_is_refused():
+    mod = Int8Linear(96, 80, dtype=torch.float16)
+    sd = dict(Int8Linear(96, 80).state_dict())
+    sd["bias"] = torch.full((80,), 1e6)
+    before = state_of(mod)
+    with pytest.raises(RuntimeError, match="bias: its values overflow the module's torch.float16"):
+        mod.load_state_dict(sd)
+    assert_unchanged(mod, before)
+
+
+def test_loading_into_a_meta_module_without_assign_warns():
+    with pytest.warns(UserWarning, match="meta buffer does nothing; pass assign=True"):
+        Int8Linear(96, 80, device="meta").load_state_dict(Int8Linear(96, 80).state_dict())
+
+
+def test_conversions_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        mod = Int8Linear(96, 80)
+        mod.half()
+        mod.to("cpu")
+        assert mod(torch.randn(2, 96, dtype=torch.float16)).shape == (2, 80)

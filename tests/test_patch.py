@@ -186,3 +186,25 @@ def test_smooth_scale_of_a_shared_layer_under_any_name():
     s = torch.rand(16) + 0.5
     patch_model(model, torchslim.Int8Config(smooth_scales={"2": s}))
     assert torch.equal(model[0].smooth_scale, s) and model[0] is model[2]
+
+
+def test_backward_hooks_move_to_the_compressed_layer():
+    model = TinyBlock()
+    seen = []
+    model.mlp[0].register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(type(m).__name__))
+    patch_model(model, "int8")
+    model(torch.randn(2, 64, requires_grad=True)).sum().backward()
+    assert seen == ["Int8Linear"]
+
+
+def test_smooth_scales_for_unknown_layers_are_refused():
+    model = TinyBlock()
+    with pytest.raises(ValueError, match="names layers that are not converted: mlp.9"):
+        patch_model(model, torchslim.Int8Config(smooth_scales={"mlp.9": torch.ones(64)}))
+    assert type(model.mlp[0]) is nn.Linear
+    # Equal scales given under two names of one shared layer are one scale.
+    lin = nn.Linear(16, 16)
+    shared = nn.Sequential(lin, nn.ReLU(), lin)
+    s = torch.rand(16) + 0.5
+    patch_model(shared, torchslim.Int8Config(smooth_scales={"0": s, "2": s.clone()}))
+    assert torch.equal(shared[0].smooth_scale, s)

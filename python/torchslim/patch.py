@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .nn import Int8Linear
@@ -30,10 +31,16 @@ class Int8Config:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("filter_fn must be callable(module, fqn) -> bool")
 
+    def unused_names(self, converted: list[str]) -> set[str]:
+        """Per-layer settings given for names that patch_model does not convert (a typo, or a
+        filtered-out layer): refused rather than silently ignored."""
+        return set(self.smooth_scales) - set(converted)
+
     def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
         """The compressed module of linear, reachable in the model under names."""
         given = [name for name in names if name in self.smooth_scales]
-        if len(given) > 1 and any(self.smooth_scales[n] is not self.smooth_scales[given[0]] for n in given):
+        first = self.smooth_scales[given[0]] if given else None
+        if any(not torch.equal(torch.as_tensor(self.smooth_scales[n]), torch.as_tensor(first)) for n in given[1:]):
             raise ValueError(f"Int8Config.smooth_scales gives the shared layer {names[0]} several scales "
                              f"(under {', '.join(given)})")
         return Int8Linear.from_linear(linear, smooth_scale=self.smooth_scales[given[0]] if given else None)
@@ -108,18 +115,19 @@ def _sites(model: nn.Module, wanted, caller: str) -> dict[int, tuple[nn.Module, 
     return sites
 
 
-# The hooks that watch a layer's inputs and outputs, which the replacement has too: it takes over
-# the very dicts, so the handles users hold still remove them.
-_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+# The hooks that watch a layer's inputs, outputs and gradients, which the replacement has too: it
+# takes over the very dicts, so the handles users hold still remove them.
+_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks", "_is_full_backward_hook")
 
 
 def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Module]]) -> None:
-    """Puts each new module at every name of its old one, with its forward hooks; all or nothing."""
+    """Puts each new module at every name of its old one, with its hooks; all or nothing."""
     done = []
     try:
         for names, old, new in swaps:
-            for attr in _FORWARD_HOOK_DICTS:
+            for attr in _HOOK_ATTRS:
                 if hasattr(old, attr):
                     setattr(new, attr, getattr(old, attr))
             for fqn in names:
@@ -160,6 +168,10 @@ def patch_model(model: nn.Module, config: str | Int8Config, filter_fn: FilterFn 
         swaps.append((names, linear, new))
         report.layers.append(PatchedLayer(names[0], linear.in_features, linear.out_features,
                                           _module_bytes(linear), _module_bytes(new), tuple(names[1:])))
+    unused = config.unused_names([name for names, _, _ in swaps for name in names])
+    if unused:
+        raise ValueError(f"patch_model: {type(config).__name__} names layers that are not converted: "
+                         f"{', '.join(sorted(unused))}")
     _swap_all(model, swaps)
     return report
 

@@ -40,10 +40,11 @@ _VERSION = 2
 
 
 def has_header(packed: Tensor, N: int, K: int) -> bool:
-    """Whether a CPU tensor is a packed (N, K) weight by its size and header (meta: by size)."""
+    """Whether a CPU tensor is a packed (N, K) weight by its size and header (meta and fake
+    tensors: by size)."""
     if packed.dtype != torch.int8 or packed.dim() != 1 or packed.numel() != packed_shape(N, K)[0]:
         return False
-    if packed.is_meta:
+    if packed.is_meta or type(packed) is not torch.Tensor:  # no bytes to read (meta, fake tensors)
         return True
     return packed[:32].numpy().tobytes() == _MAGIC + struct.pack("<IIqq", _VERSION, BLOCK_N, N, K)
 

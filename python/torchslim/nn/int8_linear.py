@@ -1,6 +1,9 @@
 """Int8Linear: W8A8 replacement for nn.Linear (int8 weight, per-token int8 activations)."""
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 
@@ -97,7 +100,9 @@ class Int8Linear(nn.Module):
         if x.dtype not in _FLOATS:
             raise RuntimeError(f"Int8Linear: x must be float32, bfloat16 or float16, got {x.dtype}")
         lead = x.shape[:-1]
-        x2 = x.reshape(lead.numel(), K)  # not -1: K = 0 leaves it ambiguous
+        # flatten, not reshape(-1, K) (ambiguous for K = 0) nor reshape(lead.numel(), K) (which
+        # torch.export specializes to the example's batch size).
+        x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
         smooth = buffers["smooth_scale"]
         w = buffers["weight"]
         op = _INT8_LINEAR_PACKED if w.is_cpu else _INT8_LINEAR
@@ -135,10 +140,10 @@ class Int8Linear(nn.Module):
         if probe.dtype != torch.int8:
             raise TypeError(f"Int8Linear: this conversion would turn the int8 weight into {probe.dtype}; "
                             "use to_linear() for a float layer")
-        float_probe = fn(torch.empty(0, dtype=torch.float32, device=device))
-        if not float_probe.is_floating_point():
-            raise TypeError(f"Int8Linear: this conversion would turn the float buffers (bias, scales) into "
-                            f"{float_probe.dtype}")
+        float_probe = fn(torch.empty(0, dtype=self.orig_dtype, device=device))
+        if float_probe.dtype not in _FLOATS:
+            raise TypeError(f"Int8Linear: this conversion would turn the float buffers (bias) into "
+                            f"{float_probe.dtype}; Int8Linear runs on float32, bfloat16 or float16")
         here_cpu, there_cpu = device.type == "cpu", probe.device.type == "cpu"
         before = dict(self._buffers)
         try:
@@ -161,6 +166,7 @@ class Int8Linear(nn.Module):
             self._buffers.clear()
             self._buffers.update(before)
             raise
+        self.orig_dtype = float_probe.dtype  # the dtype the model now has (what to_linear rebuilds)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -169,38 +175,39 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # The base loader writes as it goes and reports problems after; this one checks the incoming
-        # tensors first and writes nothing when one is wrong, so a checkpoint that fails here leaves
-        # this module as it was. Missing and unexpected keys are reported as nn.Module does: the
-        # strict check is made by load_state_dict after every module has loaded (strict arrives here
-        # always True), so keys present are loaded even when another is missing.
+        # The base loader writes as it goes and reports problems after; for the four int8 buffers
+        # this one checks the incoming tensors first and writes nothing when one is wrong, so a
+        # checkpoint that fails here leaves them as they were. Everything else (a subclass's own
+        # tensors, children's keys, extra state) goes through nn.Module's loader. Missing and
+        # unexpected keys are reported as nn.Module does: the strict check is made by
+        # load_state_dict after every module has loaded (strict arrives here always True).
         for hook in self._load_state_dict_pre_hooks.values():
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        ours = [name for name in _BUFFERS if self._buffers[name] is not None]
+        ours = [name for name in _BUFFERS
+                if self._buffers.get(name) is not None and name not in self._non_persistent_buffers_set]
         incoming = {name: state_dict[prefix + name] for name in ours if prefix + name in state_dict}
-        missing = [prefix + name for name in ours if name not in incoming]
-        unexpected = [key for key in state_dict if key.startswith(prefix) and key != prefix + "_extra_state"
-                      and key[len(prefix):] not in ours]
         assign = local_metadata.get("assign_to_params_buffers", False)
-        missing_keys.extend(missing)
-        unexpected_keys.extend(unexpected)
         problems = int8_format.checkpoint_problems(incoming, self.out_features, self.in_features)
-        if not assign:
-            problems += _copy_problems(self._buffers, incoming)
+        if not assign and not problems:  # (only tensors of the right dtypes and shapes get here)
+            problems = _copy_problems(self._buffers, incoming)
         if problems:
             error_msgs.extend(f"{prefix}{problem}" for problem in problems)
             return
+        self._load_rest(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs, ours)
+        missing_keys.extend(prefix + name for name in ours if name not in incoming)
         incoming = {name: t.detach() for name, t in incoming.items()}
-        if assign:  # the checkpoint's tensors (contiguous, the weight laid out for its device)
-            values = {name: t.contiguous() for name, t in incoming.items()}
-            if "weight" in values:
-                values["weight"] = self._device_layout(values["weight"])
-            self._buffers.update(values)
-            return
-        # In place (tied tensors, shared memory and CUDA graphs keep seeing these buffers). What can
-        # fail is done first; the small buffers are copied back if a later copy fails.
-        new_weight = (self._device_layout(incoming["weight"].to(self._buffers["weight"].device))
-                      if "weight" in incoming else None)
+        # New tensors are made outside inference mode: a module loaded under it still trains.
+        with torch.inference_mode(False):
+            if assign:  # the checkpoint's tensors (contiguous, the weight laid out for its device)
+                values = {name: t.contiguous() for name, t in incoming.items()}
+                if "weight" in values:
+                    values["weight"] = self._device_layout(values["weight"])
+                self._buffers.update(values)
+                return
+            # In place (tied tensors, shared memory and CUDA graphs keep seeing these buffers). What
+            # can fail is done first; the small buffers are copied back if a later copy fails.
+            new_weight = (self._device_layout(incoming["weight"].to(self._buffers["weight"].device))
+                          if "weight" in incoming else None)
         backup = {}
         try:
             with torch.no_grad():
@@ -215,6 +222,24 @@ class Int8Linear(nn.Module):
                 for name, old in backup.items():
                     self._buffers[name].copy_(old)
             raise
+
+    def _load_rest(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+                   ours):
+        """nn.Module's loader for everything but the int8 buffers (hidden from it meanwhile); the
+        pre-hooks have run already."""
+        hooks, hidden = self._load_state_dict_pre_hooks, set(ours) - self._non_persistent_buffers_set
+        first_unexpected = len(unexpected_keys)
+        self._load_state_dict_pre_hooks = OrderedDict()
+        self._non_persistent_buffers_set |= hidden
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._load_state_dict_pre_hooks = hooks
+            self._non_persistent_buffers_set -= hidden
+        # It did not see the int8 buffers, so it called their keys unexpected: take those back.
+        ours_keys = {prefix + name for name in ours}
+        unexpected_keys[first_unexpected:] = [k for k in unexpected_keys[first_unexpected:] if k not in ours_keys]
 
     def extra_repr(self) -> str:
         dense = self.in_features * self.out_features * torch.finfo(self.orig_dtype).bits // 8
@@ -231,15 +256,22 @@ _INT8_LINEAR_PACKED = torch.ops.torchslim.int8_linear_packed.default
 
 
 def _copy_problems(buffers: dict, incoming: dict) -> list[str]:
-    """What would make copying the incoming tensors into the buffers fail midway."""
+    """What would make copying the (checked) incoming tensors into the buffers fail midway, or
+    change their values: a cast of the bias to a narrower float dtype must not overflow."""
     problems = []
     for name, t in incoming.items():
         target = buffers[name]
-        if isinstance(t, Tensor) and t.is_meta and not target.is_meta:
+        if t.is_meta and not target.is_meta:
             problems.append(f"{name}: a meta tensor has no values to copy (load it with assign=True)")
+            continue
+        if target.is_meta and not t.is_meta:
+            warnings.warn(f"{name}: copying a checkpoint tensor into a meta buffer does nothing; pass "
+                          "assign=True to load_state_dict to take the checkpoint's tensors", stacklevel=4)
         if target.is_inference() and not torch.is_inference_mode_enabled():
             problems.append(f"{name}: the module's buffers are inference tensors, which can only be written "
                             "under torch.inference_mode() (or load with assign=True)")
+        if not t.is_meta and t.dtype != target.dtype and not bool(torch.isfinite(t.to(target.dtype)).all()):
+            problems.append(f"{name}: its values overflow the module's {target.dtype}")
     return problems
 
 
