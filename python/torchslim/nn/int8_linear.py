@@ -23,19 +23,21 @@ class Int8Linear(nn.Module):
     canonical (N, K) form, so checkpoints move between devices.
 
     All buffers are frozen: gradients flow to x (and to the layers below), not to the int8 weight.
-    Every method that changes the module (``.to()`` and the other conversions, ``load_state_dict``)
-    either succeeds or raises leaving the module as it was.
+    The conversions (``.to()``, ``.cuda()``, ``share_memory()``, ...) either succeed or raise leaving
+    the module as it was; ``load_state_dict`` checks the incoming int8-layer tensors before writing
+    any of them.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         _check_features(in_features, out_features)
-        if not dtype.is_floating_point:
-            raise TypeError(f"Int8Linear: dtype is the float dtype of the replaced layer, got {dtype}")
+        if dtype not in _FLOATS:
+            raise TypeError(f"Int8Linear: dtype is the float dtype of the replaced layer: float32, bfloat16 or "
+                            f"float16, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
-        self.orig_dtype = dtype  # the float dtype of the layer this replaces (for the size report)
+        self.orig_dtype = dtype  # the model's float dtype: the bias's, to_linear's and the size report's
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
