@@ -7,8 +7,7 @@ import torch
 from conftest import FLOAT_DTYPES, UNIT_ROUNDOFF
 from torch import nn
 
-import torchslim
-from torchslim import Int8Linear, patch_model, reference, unpatch_model
+from torchslim import Int8Linear, reference
 from torchslim.compress import quantize_weight_per_channel
 
 

@@ -4,9 +4,9 @@ op is in reference.py.
 
 The autograd formulas are in C++ (csrc/int8_linear_autograd.cpp: a Python autograd kernel would
 cost ~14 us on every call made with grad mode on). The argument checks here are the Python twin of
-the C++ checks (csrc/cpu/int8_linear.cpp), in the same words. The fakes run them, so a call that mixes devices (meta included) fails as it would on
-a real device instead of returning an uninitialized tensor; the Triton (CUDA) implementations run
-them too, before their value checks.
+the C++ checks (csrc/cpu/int8_linear.cpp), in the same words. The fakes run them, so a call that
+mixes devices (meta included) fails as it would on a real device instead of returning an
+uninitialized tensor; the Triton (CUDA) implementations run them too, before their value checks.
 """
 from __future__ import annotations
 
@@ -25,10 +25,9 @@ MAX_K = 65536
 # ---------------------------------------------------------------------------------------------
 # argument checks shared by the fakes and the Triton implementations
 # ---------------------------------------------------------------------------------------------
-def _check(cond, message) -> None:
-    # torch._check raises RuntimeError(message()) like TORCH_CHECK, and under symbolic shapes it
-    # records a runtime assertion instead of specializing the graph on the shape.
-    torch._check(cond, message)
+# torch._check raises RuntimeError(message()) like TORCH_CHECK, and under symbolic shapes it
+# records a runtime assertion instead of specializing the graph on the shape.
+_check = torch._check
 
 
 def check_x(x: Tensor, op: str) -> None:
@@ -53,6 +52,12 @@ def _check_scale_and_bias(x: Tensor, w_scale: Tensor, bias: Tensor | None, N, op
         _check(bias.is_floating_point(), lambda: f"{op}: bias must be floating point, got {bias.dtype}")
 
 
+def _check_w_q(w_q: Tensor, op: str) -> None:
+    _check(w_q.dim() == 2, lambda: f"{op}: w_q must be 2-D (N, K), got shape {list(w_q.shape)}")
+    _check(w_q.dtype == torch.int8, lambda: f"{op}: w_q must be int8, got {w_q.dtype}")
+    _check(w_q.is_contiguous(), lambda: f"{op}: w_q must be contiguous")
+
+
 def _check_k(K, op: str) -> None:
     _check(K <= MAX_K, lambda: f"{op}: K={K} exceeds {MAX_K}, beyond which the int32 accumulator can overflow")
 
@@ -62,9 +67,7 @@ def check_int8_linear_args(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor
     op = "int8_linear"
     check_x(x, op)
     _check_device(w_q, "w_q", x, op)
-    _check(w_q.dim() == 2, lambda: f"{op}: w_q must be 2-D (N, K), got shape {list(w_q.shape)}")
-    _check(w_q.dtype == torch.int8, lambda: f"{op}: w_q must be int8, got {w_q.dtype}")
-    _check(w_q.is_contiguous(), lambda: f"{op}: w_q must be contiguous")
+    _check_w_q(w_q, op)
     _check(w_q.shape[1] == x.shape[1], lambda: f"{op}: x has K={x.shape[1]} but w_q has K={w_q.shape[1]}")
     _check_scale_and_bias(x, w_scale, bias, w_q.shape[0], op)
     _check_k(x.shape[1], op)
@@ -127,10 +130,7 @@ def int8_pack_weight(w_q: Tensor) -> Tensor:
 
 @torch.library.register_fake("torchslim::int8_pack_weight")
 def _(w_q: Tensor) -> Tensor:
-    op = "int8_pack_weight"
-    _check(w_q.dim() == 2, lambda: f"{op}: w_q must be 2-D (N, K), got shape {list(w_q.shape)}")
-    _check(w_q.dtype == torch.int8, lambda: f"{op}: w_q must be int8, got {w_q.dtype}")
-    _check(w_q.is_contiguous(), lambda: f"{op}: w_q must be contiguous")
+    _check_w_q(w_q, "int8_pack_weight")
     return w_q.new_empty(packed_shape(w_q.shape[0], w_q.shape[1]))
 
 

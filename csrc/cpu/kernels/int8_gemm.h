@@ -44,10 +44,9 @@ void unpack_weight(const int8_t* packed, int64_t N, int64_t K, int8_t* w);
 // Per-token symmetric quantization of rows [m0, m1) of x (ldx elements apart, dtype in):
 // scale = absmax / 127, q = round_half_even(x * (127 / absmax)) in [-127, 127]; q is written with
 // K_pad - K zero columns after it, and row_offset (if not null) gets 128 * sum_k q, what the u8
-// weights (w + 128) add to the row's sums. A row of zeros (or of
-// magnitudes so small, below 127 / FLT_MAX ~ 3.7e-37, that 127 / absmax overflows) gets scale 0
-// and q 0; a row holding NaN or Inf gets scale NaN (so its output row is NaN, as a float GEMM
-// would give) and q 0.
+// weights (w + 128) add to the row's sums. A row of zeros (or of magnitudes so small, below
+// 127 / FLT_MAX ~ 3.7e-37, that 127 / absmax overflows) gets scale 0 and q 0; a row holding NaN
+// or Inf gets scale NaN (so its output row is NaN, as a float GEMM would give) and q 0.
 struct QuantizeArgs {
   const void* x; int64_t ldx; Dtype dtype;
   int64_t K, K_pad;

@@ -1,7 +1,7 @@
 // AMX INT8 W8A8 (Sapphire Rapids and newer): tdpbsud multiplies a 16x64 signed activation tile by
 // a 16(k/4)x64 tile of the unsigned packed weights (w + 128) in the VNNI order, accumulating 16x16
-// int32; the epilogue undoes the +128 with the row sums of the activations. Register tile: 32 rows x 32 channels in four accumulator tiles, blocked over k
-// so one operand comes from L1; the activation buffer is padded to a multiple of 32 rows by the
+// int32; the epilogue undoes the +128 with the row sums of the activations. Register tile: 32 rows
+// x 32 channels in four accumulator tiles, blocked over k so one operand comes from L1; the activation buffer is padded to a multiple of 32 rows by the
 // caller so tile loads never leave it.
 #include <immintrin.h>
 
