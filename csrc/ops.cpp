@@ -17,4 +17,8 @@ TORCH_LIBRARY(torchslim, m) {
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
   // The same with the weight from int8_pack_weight (CPU): what Int8Linear calls on CPU.
   m.def("int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
+
+  // 2:4 sparse linear: x (M, K) float, values (N, K_pad / 2) x.dtype, meta (N, K_pad / 16) int16 (the
+  // format of formats/sparse24.py, K_pad = round_up(K, 16)), bias (N,) -> (M, N) x.dtype.
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
 }

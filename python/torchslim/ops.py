@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .formats import sparse24 as sparse24_format
 from .formats.int8 import packed_shape
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,6 +95,30 @@ def _check_packed(w_packed: Tensor, N, K, x: Tensor | None, op: str) -> None:
     expected = packed_shape(N, K)[0]
     _check(w_packed.shape[0] == expected,
            lambda: f"{op}: w_packed holds {w_packed.shape[0]} bytes, but a packed (N={N}, K={K}) weight holds {expected}")
+
+
+def check_sparse24_linear_args(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> None:
+    """Shapes, dtypes, devices and layouts of sparse24_linear's arguments (not the metadata's
+    nibbles: the CPU kernels check those as they read them)."""
+    op = "sparse24_linear"
+    check_x(x, op)
+    _check_device(values, "values", x, op)
+    _check_device(meta, "meta", x, op)
+    _check(values.dim() == 2, lambda: f"{op}: values must be 2-D (N, K_pad / 2), got shape {list(values.shape)}")
+    _check(values.dtype == x.dtype, lambda: f"{op}: values must have x's dtype {x.dtype}, got {values.dtype}")
+    _check(values.is_contiguous(), lambda: f"{op}: values must be contiguous")
+    _check(meta.dtype == torch.int16, lambda: f"{op}: meta must be int16, got {meta.dtype}")
+    _check(meta.is_contiguous(), lambda: f"{op}: meta must be contiguous")
+    N, K = values.shape[0], x.shape[1]
+    (_, half), (_, words) = sparse24_format.shapes(N, K)
+    _check(values.shape[1] == half,
+           lambda: f"{op}: values must have shape ({N}, {half}) for K={K}, got {list(values.shape)}")
+    _check(meta.dim() == 2 and meta.shape[0] == N and meta.shape[1] == words,
+           lambda: f"{op}: meta must have shape ({N}, {words}) for K={K}, got {list(meta.shape)}")
+    if bias is not None:
+        _check_device(bias, "bias", x, op)
+        _check(bias.dim() == 1 and bias.shape[0] == N, lambda: f"{op}: bias must have shape ({N},), got {list(bias.shape)}")
+        _check(bias.is_floating_point(), lambda: f"{op}: bias must be floating point, got {bias.dtype}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,3 +207,26 @@ def int8_linear_packed(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tenso
 def _(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     check_int8_linear_packed_args(x, w_packed, w_scale, bias)
     return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse24_linear
+# ---------------------------------------------------------------------------------------------
+def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """2:4 sparse linear: ``x @ W.T + bias``, W the dense weight of the compressed pair
+    (formats/sparse24.py), accumulated in float32 and rounded once to x.dtype.
+
+    x: (M, K) float32|bfloat16|float16, contiguous; values: (N, K_pad / 2) in x.dtype; meta:
+    (N, K_pad / 16) int16, K_pad = round_up(K, 16); bias: (N,) floating point (added in x.dtype, as
+    F.linear does) or None; all on x's device. Returns (M, N) in x.dtype.
+    Invalid metadata (a group whose positions are not two distinct increasing indices) raises on
+    the CPU; on CUDA it is not checked per call (Sparse24Linear checks it when it is built or loaded).
+    Differentiable w.r.t. x and bias; values and meta are a frozen weight.
+    """
+    return torch.ops.torchslim.sparse24_linear.default(x, values, meta, bias)
+
+
+@torch.library.register_fake("torchslim::sparse24_linear")
+def _(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    check_sparse24_linear_args(x, values, meta, bias)
+    return x.new_empty((x.shape[0], values.shape[0]))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .formats import sparse24 as sparse24_format
+
 
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """Reference of ops.quantize_per_token (bit-exact). x: (M, K) float -> (q int8, scale float32)."""
@@ -39,4 +41,14 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = N
     out = int8_accumulate(q, w_q).double() * (s.double()[:, None] * w_scale.double()[None, :])
     if bias is not None:
         out = out + bias.double()
+    return out
+
+
+def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference of ops.sparse24_linear in float64: (M, N). The bias is rounded to x.dtype first,
+    as the op (and F.linear) adds it."""
+    w = sparse24_format.unpack(values, meta, x.shape[1]).double()
+    out = x.double() @ w.T
+    if bias is not None:
+        out = out + bias.to(x.dtype).double()
     return out

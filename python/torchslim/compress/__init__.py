@@ -1,4 +1,5 @@
-"""How compressed weights are produced: quantization (and, later, pruning and SVD)."""
+"""How compressed weights are produced: quantization, 2:4 pruning (magnitude, Wanda) and, later, SVD."""
+from .prune import InputNorms, prune_24
 from .quantize import quantize_weight_per_channel
 
-__all__ = ["quantize_weight_per_channel"]
+__all__ = ["InputNorms", "prune_24", "quantize_weight_per_channel"]

@@ -1,0 +1,174 @@
+// AVX-512 2:4 kernels (F/BW/VL/DQ + BF16 + VBMI2). Each group's 4-bit metadata becomes a 4-bit lane
+// mask (a byte shuffle of 64 meta bytes at a time); vpexpandw / vexpandps then put the kept values
+// in their lanes, so a step of 32 (bfloat16, float16) or 16 (float32) columns is one load of the
+// compressed values, one expand and a dense multiply-add with x: the weight is read compressed
+// (1.125 bytes per bfloat16 weight instead of 2) and never expanded in memory.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "scalar_convert.h"
+#include "sparse24.h"
+
+namespace torchslim::cpu {
+namespace {
+
+// Columns per slab: the lane masks of 512 columns (64 meta bytes) are made in one pass.
+constexpr int64_t kSlab = 512;
+
+// The lane masks of up to 64 meta bytes (2 groups each) into mk[0..nbytes): byte b of mk holds
+// the masks of groups 2b (bits 0-3) and 2b + 1 (bits 4-7). Returns false on an invalid nibble.
+inline bool lane_masks(const uint8_t* meta, int64_t nbytes, uint8_t* mk) {
+  static const __m512i lut = [] {
+    alignas(64) uint8_t t[64];
+    for (int i = 0; i < 64; ++i) t[i] = s24_nibble_entry(i & 15);
+    return _mm512_load_si512(t);
+  }();
+  const __mmask64 live = nbytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << nbytes) - 1;
+  const __m512i b = _mm512_maskz_loadu_epi8(live, meta);
+  const __m512i nib_mask = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, nib_mask));
+  const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), nib_mask));
+  const __m512i m = _mm512_or_si512(_mm512_and_si512(lo, nib_mask), _mm512_slli_epi16(_mm512_and_si512(hi, nib_mask), 4));
+  _mm512_store_si512(mk, m);
+  return _mm512_mask_test_epi8_mask(live, _mm512_or_si512(lo, hi), _mm512_set1_epi8(0x10)) == 0;
+}
+
+// One step of the weight in 16-bit lanes: 32 columns from 16 values (or 16 columns from 8 values
+// at the end of a row, the upper lanes zero).
+inline __m512i expand16(const uint16_t* v, const uint8_t* mk, bool half) {
+  if (half) {
+    uint16_t k;
+    std::memcpy(&k, mk, 2);
+    return _mm512_maskz_expand_epi16(k, _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(0xFF, v)));
+  }
+  uint32_t k;
+  std::memcpy(&k, mk, 4);
+  return _mm512_maskz_expand_epi16(k, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))));
+}
+
+// 16 columns of a float32 weight from 8 values.
+inline __m512 expand32(const float* v, const uint8_t* mk) {
+  uint16_t k;
+  std::memcpy(&k, mk, 2);
+  return _mm512_maskz_expand_ps(k, _mm512_castps256_ps512(_mm256_loadu_ps(v)));
+}
+
+inline __m512 f16_low(__m512i w) { return _mm512_cvtph_ps(_mm512_castsi512_si256(w)); }
+inline __m512 f16_high(__m512i w) { return _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1)); }
+
+// NB weight rows from n x MB activation rows from m. Accumulators stay in registers for the whole
+// row; every step re-expands the weight (cheap: it is in L1 after the first activation block).
+template <int NB, int MB>
+bool block(const S24Args& a, int64_t n, int64_t m) {
+  const int64_t words = a.K_pad / kS24ColsPerWord, row_values = a.K_pad / 2;
+  const int64_t esize = a.w_dtype == Dtype::F32 ? 4 : 2;
+  const char* vrow[NB];
+  const uint8_t* mrow[NB];
+  for (int r = 0; r < NB; ++r) {
+    vrow[r] = static_cast<const char*>(a.values) + (n + r) * row_values * esize;
+    mrow[r] = reinterpret_cast<const uint8_t*>(a.meta + (n + r) * words);
+  }
+  const int64_t xsize = a.x_dtype == Dtype::F32 ? 4 : 2;
+  const char* xrow[MB];
+  for (int i = 0; i < MB; ++i) xrow[i] = static_cast<const char*>(a.x) + (m + i) * a.ldx * xsize;
+  __m512 acc[NB][MB];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+  bool ok = true;
+  alignas(64) uint8_t mk[NB][64];
+  const Dtype wdt = a.w_dtype;
+  for (int64_t c0 = 0; c0 < a.K_pad; c0 += kSlab) {
+    const int64_t cols = std::min(kSlab, a.K_pad - c0);
+    for (int r = 0; r < NB; ++r) ok &= lane_masks(mrow[r] + c0 / 8, cols / 8, mk[r]);
+    if (wdt == Dtype::F32) {
+      for (int64_t c = 0; c < cols; c += 16) {
+        __m512 w[NB];
+        for (int r = 0; r < NB; ++r) w[r] = expand32(reinterpret_cast<const float*>(vrow[r]) + (c0 + c) / 2, mk[r] + c / 8);
+        for (int i = 0; i < MB; ++i) {
+          const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(xrow[i]) + c0 + c);
+          for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_fmadd_ps(w[r], xv, acc[r][i]);
+        }
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < cols; c += 32) {
+      const bool half = c + 32 > cols;
+      __m512i w[NB];
+      for (int r = 0; r < NB; ++r) w[r] = expand16(reinterpret_cast<const uint16_t*>(vrow[r]) + (c0 + c) / 2, mk[r] + c / 8, half);
+      for (int i = 0; i < MB; ++i) {
+        if (wdt == Dtype::BF16) {
+          const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(xrow[i]) + c0 + c);
+          for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
+        } else {  // float16 weights, float32 activations
+          const float* xf = reinterpret_cast<const float*>(xrow[i]) + c0 + c;
+          const __m512 x0 = _mm512_loadu_ps(xf), x1 = _mm512_loadu_ps(xf + 16);
+          for (int r = 0; r < NB; ++r)
+            acc[r][i] = _mm512_fmadd_ps(f16_high(w[r]), x1, _mm512_fmadd_ps(f16_low(w[r]), x0, acc[r][i]));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) {
+      float s = _mm512_reduce_add_ps(acc[r][i]);
+      if (a.bias) s += a.bias[n + r];
+      store_from_float(a.out, a.out_dtype, (m + i) * a.ldo + n + r, s);
+    }
+  return ok;
+}
+
+template <int NB>
+bool rows_block(const S24Args& a, int64_t n) {
+  constexpr int kMB = 4;
+  bool ok = true;
+  int64_t m = 0;
+  for (; m + kMB <= a.M; m += kMB) ok &= block<NB, kMB>(a, n, m);
+  switch (a.M - m) {
+    case 3: ok &= block<NB, 3>(a, n, m); break;
+    case 2: ok &= block<NB, 2>(a, n, m); break;
+    case 1: ok &= block<NB, 1>(a, n, m); break;
+    default: break;
+  }
+  return ok;
+}
+
+}  // namespace
+
+bool s24_linear_rows_avx512(const S24Args& a, int64_t n0, int64_t n1) {
+  constexpr int kNB = 4;
+  bool ok = true;
+  int64_t n = n0;
+  for (; n + kNB <= n1; n += kNB) ok &= rows_block<kNB>(a, n);
+  for (; n < n1; ++n) ok &= rows_block<1>(a, n);
+  return ok;
+}
+
+bool s24_expand_rows_avx512(const S24Expand& e, int64_t n0, int64_t n1) {
+  const int64_t words = e.K_pad / kS24ColsPerWord, row_values = e.K_pad / 2;
+  bool ok = true;
+  alignas(64) uint8_t mk[64];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* meta = reinterpret_cast<const uint8_t*>(e.meta + n * words);
+    for (int64_t c0 = 0; c0 < e.K_pad; c0 += kSlab) {
+      const int64_t cols = std::min(kSlab, e.K_pad - c0);
+      ok &= lane_masks(meta + c0 / 8, cols / 8, mk);
+      if (e.w_dtype == Dtype::F32) {
+        const float* v = static_cast<const float*>(e.values) + n * row_values + c0 / 2;
+        float* d = static_cast<float*>(e.dst) + (n - n0) * e.ld + c0;
+        for (int64_t c = 0; c < cols; c += 16) _mm512_storeu_ps(d + c, expand32(v + c / 2, mk + c / 8));
+        continue;
+      }
+      const uint16_t* v = static_cast<const uint16_t*>(e.values) + n * row_values + c0 / 2;
+      uint16_t* d = static_cast<uint16_t*>(e.dst) + (n - n0) * e.ld + c0;
+      for (int64_t c = 0; c < cols; c += 32) {
+        const bool half = c + 32 > cols;
+        _mm512_mask_storeu_epi16(d + c, half ? 0xFFFFu : ~0u, expand16(v + c / 2, mk + c / 8, half));
+      }
+    }
+  }
+  return ok;
+}
+
+}  // namespace torchslim::cpu

@@ -1,0 +1,171 @@
+// CPU implementation of torchslim::sparse24_linear: argument checks, activation buffers and threads
+// (ATen); the arithmetic in cpu/kernels/sparse24_*.cpp. Two strategies, by the number of rows:
+//  - few rows (decode): the kernels read the compressed weight and expand it in registers, so the
+//    bytes read per weight drop from 2 to 1.125 (bfloat16) -- the win where the weight's bytes are
+//    the time;
+//  - many rows (prefill, where compute dominates): blocks of weight rows are expanded into a dense
+//    buffer that stays in cache and multiplied by ATen's dense GEMM (oneDNN: AMX or AVX-512 BF16 as
+//    the CPU has them), so the sparse layer runs at the dense GEMM's speed plus the expansion.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpu/kernels/sparse24.h"
+
+namespace torchslim {
+namespace {
+
+using cpu::Dtype;
+
+Dtype float_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 ? Dtype::BF16 : t == at::kHalf ? Dtype::F16 : Dtype::F32;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The checks of sparse24_linear, in the words and order of ops.check_sparse24_linear_args.
+void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(values.device() == x.device(), op, ": values must be on ", x.device(), " like x, got ", values.device());
+  TORCH_CHECK(meta.device() == x.device(), op, ": meta must be on ", x.device(), " like x, got ", meta.device());
+  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D (N, K_pad / 2), got shape ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == dt, op, ": values must have x's dtype ", dt, ", got ", values.scalar_type());
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  TORCH_CHECK(meta.scalar_type() == at::kShort, op, ": meta must be int16, got ", meta.scalar_type());
+  TORCH_CHECK(meta.is_contiguous(), op, ": meta must be contiguous");
+  const int64_t N = values.size(0), K = x.size(1), K_pad = round_up(K, cpu::kS24ColsPerWord);
+  TORCH_CHECK(values.size(1) == K_pad / 2, op, ": values must have shape (", N, ", ", K_pad / 2, ") for K=", K,
+              ", got ", values.sizes());
+  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == N && meta.size(1) == K_pad / cpu::kS24ColsPerWord, op,
+              ": meta must have shape (", N, ", ", K_pad / cpu::kS24ColsPerWord, ") for K=", K, ", got ", meta.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ", bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ", bias->scalar_type());
+  }
+}
+
+// The first invalid nibble, described as formats.sparse24.meta_problem does (the kernels only say
+// that there is one).
+[[noreturn]] void raise_bad_meta(const at::Tensor& meta, const char* op) {
+  const int64_t N = meta.size(0), W = meta.size(1);
+  const int16_t* p = meta.data_ptr<int16_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t w = 0; w < W; ++w)
+      for (int j = 0; j < 4; ++j) {
+        const int nib = (uint16_t(p[n * W + w]) >> (4 * j)) & 0xF;
+        if (cpu::s24_nibble_entry(nib) & 0x10) {
+          const int64_t g = 4 * w + j;
+          TORCH_CHECK(false, op, ": meta row ", n, ", group ", g, " (columns ", 4 * g, "..", 4 * g + 3,
+                      ") holds positions (", nib & 3, ", ", nib >> 2,
+                      "); each group needs two distinct increasing positions in 0..3");
+        }
+      }
+  TORCH_CHECK(false, op, ": meta holds an invalid group");  // unreachable: a kernel found one
+}
+
+bool use_avx512() {
+  return cpu::s24_avx512_supported() && cpu::active_isa() >= cpu::Isa::Avx512Vnni;
+}
+
+// Rows of x zero-padded to `cols` columns in `dtype` (x itself where nothing changes).
+at::Tensor padded_x(const at::Tensor& x, int64_t cols, at::ScalarType dtype) {
+  if (x.size(1) == cols && x.scalar_type() == dtype) return x;
+  at::Tensor buf = at::empty({x.size(0), cols}, x.options().dtype(dtype));
+  buf.narrow(1, 0, x.size(1)).copy_(x);
+  buf.narrow(1, x.size(1), cols - x.size(1)).zero_();
+  return buf;
+}
+
+bool expand_rows(const cpu::S24Expand& e, int64_t n0, int64_t n1, bool avx512) {
+  return avx512 ? cpu::s24_expand_rows_avx512(e, n0, n1) : cpu::s24_expand_rows_scalar(e, n0, n1);
+}
+
+// Many rows: weight blocks expanded into a cached buffer, then the dense GEMM (with the bias in
+// x's dtype, as F.linear takes it). Returns false on invalid metadata.
+bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, const at::Tensor& bias_x,
+                  at::Tensor& out, bool avx512) {
+  const int64_t N = values.size(0), K = x.size(1), K_pad = values.size(1) * 2;
+  // ~1 MiB of dense weight per block (it is written, then read by the GEMM, while in L2), at least
+  // 64 rows so that each GEMM call has work for every thread.
+  const int64_t rows = std::min(N, std::max<int64_t>(64, round_up((1 << 20) / (K_pad * x.element_size()), 16)));
+  at::Tensor buf = at::empty({rows, K_pad}, x.options());
+  const cpu::S24Expand base{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K_pad,
+                            nullptr, K_pad};
+  std::atomic<bool> ok{true};
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nb = std::min(rows, N - n0);
+    at::parallel_for(n0, n0 + nb, 8, [&](int64_t b, int64_t e) {
+      cpu::S24Expand ex = base;
+      ex.dst = static_cast<char*>(buf.data_ptr()) + (b - n0) * K_pad * x.element_size();
+      if (!expand_rows(ex, b, e, avx512)) ok = false;
+    });
+    const at::Tensor w = buf.narrow(0, 0, nb).narrow(1, 0, K);
+    out.narrow(1, n0, nb).copy_(bias_x.defined() ? at::addmm(bias_x.narrow(0, n0, nb), x, w.t()) : at::mm(x, w.t()));
+  }
+  return ok;
+}
+
+at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                               const std::optional<at::Tensor>& bias) {
+  const char* op = "sparse24_linear";
+  check_args(x, values, meta, bias, op);
+  const int64_t M = x.size(0), N = values.size(0), K = x.size(1), K_pad = values.size(1) * 2;
+  at::Tensor out = at::empty({M, N}, x.options());
+  // The bias as F.linear adds it in x's dtype (so rounded to it once), then float32 for the kernels.
+  const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  const bool avx512 = use_avx512();
+  if (M == 0 || N == 0 || K == 0) {
+    // Nothing to multiply: the metadata is still checked, as every call checks it.
+    if (N > 0 && K_pad > 0) {
+      at::Tensor scratch = at::empty({1, K_pad}, x.options());
+      const cpu::S24Expand e{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K_pad,
+                             scratch.data_ptr(), 0};
+      if (!expand_rows(e, 0, N, false)) raise_bad_meta(meta, op);
+    }
+    if (bias_x.defined()) out.copy_(bias_x.expand({M, N}));
+    else out.zero_();
+    return out;
+  }
+
+  // Many rows of bfloat16 or float32: compute dominates, the dense GEMM on expanded blocks.
+  constexpr int64_t kDenseMinRows = 64;
+  const Dtype dt = float_dtype(x.scalar_type());
+  if (M >= kDenseMinRows && dt != Dtype::F16) {
+    if (!dense_blocks(x, values, meta, bias_x, out, avx512)) raise_bad_meta(meta, op);
+    return out;
+  }
+
+  // Few rows: the compressed kernels. Activations as the kernel reads them: bfloat16 for the AVX-512
+  // bfloat16 kernel (vdpbf16ps), float32 otherwise; padded with zero columns to whole steps.
+  const at::ScalarType xt = avx512 && dt == Dtype::BF16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor xk = padded_x(x, round_up(K_pad, cpu::kS24XPad), xt);
+  const at::Tensor bias_f = bias_x.defined() ? bias_x.to(at::kFloat) : at::Tensor();
+  const cpu::S24Args args{xk.data_ptr(), xk.size(1), float_dtype(xt), values.data_ptr(), dt,
+                          meta.data_ptr<int16_t>(), K_pad, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                          out.data_ptr(), N, dt, M};
+  auto* rows_fn = avx512 ? cpu::s24_linear_rows_avx512 : cpu::s24_linear_rows_scalar;
+  // Tasks of whole 4-row blocks with at least ~32K kept values times rows of x each.
+  const int64_t grain = round_up(std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(1, K_pad / 2 * M)), 4);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    if (!rows_fn(args, b, e)) ok = false;
+  });
+  if (!ok) raise_bad_meta(meta, op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("sparse24_linear", &sparse24_linear_cpu);
+}
+
+}  // namespace torchslim

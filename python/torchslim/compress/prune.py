@@ -1,0 +1,78 @@
+"""2:4 pruning: keep the two highest-scoring weights of every group of four along K.
+
+Scores: magnitude |W|, or Wanda (Sun et al., "A Simple and Effective Pruning Approach for Large
+Language Models", 2023): |W[n, k]| * ||X[:, k]||_2, the weight's size times the L2 norm of its input
+feature over calibration activations, compared within each output row's groups.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
+    """The 2:4 pruned copy of w (N, K): in every group of four consecutive columns of a row, the two
+    weights with the largest score stay and the others become zero. Score = |w| * importance[k]
+    (Wanda) when importance (K,) is given, |w| (magnitude) otherwise. Ties keep the lower column.
+    A trailing group of fewer than four columns keeps its two best. NaN/Inf weights or importances
+    and negative importances are refused."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"prune_24: w must be a 2-D floating point tensor, got {w.dtype} of shape {tuple(w.shape)}")
+    w = w.detach()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("prune_24: w holds NaN or Inf")
+    score = w.abs().double()
+    if importance is not None:
+        importance = importance.detach()
+        if importance.shape != (w.shape[1],) or not importance.is_floating_point():
+            raise ValueError(f"prune_24: importance must be a float tensor of shape ({w.shape[1]},), "
+                             f"got {importance.dtype} of shape {tuple(importance.shape)}")
+        importance = importance.to(w.device).double()
+        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+            raise ValueError("prune_24: importance must be finite and non-negative (an L2 norm per input feature)")
+        score = score * importance[None, :]
+    N, K = w.shape
+    if w.numel() == 0:
+        return w.clone()
+    k_pad = -(-K // 4) * 4
+    # Padded columns score -1, below every real weight; a stable sort keeps the lower column on ties.
+    groups = nn.functional.pad(score, (0, k_pad - K), value=-1.0).reshape(N, -1, 4)
+    order = groups.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :2], True)
+    return torch.where(keep.reshape(N, k_pad)[:, :K], w, torch.zeros_like(w))
+
+
+class InputNorms:
+    """Collects the L2 norm of every input feature of the given nn.Linear layers over the batches
+    run while it is active: ``with InputNorms(model) as norms: model(batch) ...``, then
+    ``norms.result()`` maps each layer's name to its (in_features,) float32 norms (Wanda's importance).
+    filter_fn(module, fqn) chooses the layers (default: every nn.Linear)."""
+
+    def __init__(self, model: nn.Module, filter_fn=None) -> None:
+        keep = filter_fn or (lambda module, fqn: True)
+        self._layers = {fqn: m for fqn, m in model.named_modules() if type(m) is nn.Linear and keep(m, fqn)}
+        self._sums: dict[str, Tensor] = {}
+        self._handles = []
+
+    def _hook(self, fqn: str):
+        def hook(module, args):
+            x = args[0].detach()
+            sq = x.reshape(-1, x.shape[-1]).double().square().sum(0)
+            self._sums[fqn] = self._sums[fqn] + sq if fqn in self._sums else sq
+        return hook
+
+    def __enter__(self) -> "InputNorms":
+        self._handles = [m.register_forward_pre_hook(self._hook(fqn)) for fqn, m in self._layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def result(self) -> dict[str, Tensor]:
+        missing = sorted(set(self._layers) - set(self._sums))
+        if missing:
+            raise RuntimeError(f"InputNorms: no batch reached {', '.join(missing)}; run the model inside the with block")
+        return {fqn: s.sqrt().float() for fqn, s in self._sums.items()}
+
