@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .ops import _FLOATS, check_int8_linear_args, check_int8_linear_packed_args
+from .ops import _FLOATS, check_int8_linear_args, check_int8_linear_packed_args, check_sparse24_linear_args
 
 # w_scale tensors already seen to be finite, with the (version, data_ptr) they had then. Checking
 # finiteness reads the tensor back to the host, a device sync; weights do not change between
@@ -80,3 +80,22 @@ def _int8_linear_packed_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias:
 
 
 torch.library.register_kernel("torchslim::int8_linear_packed", "cuda", _int8_linear_packed_cuda)
+
+
+def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    # The same checks, in the same words, as the CPU op (csrc/cpu/sparse24_linear.cpp) and the fake.
+    # The metadata's nibbles are not checked per call (a device sync): Sparse24Linear checks them when
+    # it is built or loaded, and the kernel is memory-safe for any bits (triton_kernels/sparse24_linear.py).
+    check_sparse24_linear_args(x, values, meta, bias)
+    M, N = x.shape[0], values.shape[0]
+    if M == 0 or N == 0:
+        return x.new_empty((M, N))
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()  # as F.linear adds it: rounded to x's dtype first
+    from torchslim.triton_kernels.sparse24_linear import sparse24_matmul
+
+    return sparse24_matmul(x, values, meta, bias)
+
+
+if triton_available():
+    torch.library.register_kernel("torchslim::sparse24_linear", "cuda", _sparse24_linear_cuda)

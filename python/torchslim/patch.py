@@ -7,12 +7,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .nn import Int8Linear
+from .nn import Int8Linear, Sparse24Linear
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 # Modules patch_model creates, so unpatch_model knows what to turn back into nn.Linear.
-_PATCHED_TYPES = (Int8Linear,)
+_PATCHED_TYPES = (Int8Linear, Sparse24Linear)
 
 
 @dataclass
@@ -46,8 +46,50 @@ class Int8Config:
         return Int8Linear.from_linear(linear, smooth_scale=self.smooth_scales[given[0]] if given else None)
 
 
-_SHORTCUTS = {"int8": Int8Config}
-_CONFIG_TYPES = (Int8Config,)
+@dataclass
+class Sparse24Config:
+    """2:4 semi-structured sparsity (Sparse24Linear): in every group of four weights along K the two
+    with the largest score stay.
+
+    method: "magnitude" (score |W|) or "wanda" (|W| x the L2 norm of the input feature over
+    calibration data; Sun et al. 2023). For "wanda", importance maps every converted layer's fully
+    qualified name (any of them, for a shared layer) to its (in_features,) norms:
+    compress.InputNorms collects them. filter_fn(module, fqn) -> bool chooses the layers (default: all).
+    """
+
+    method: str = "magnitude"
+    importance: dict = field(default_factory=dict)
+    filter_fn: FilterFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("magnitude", "wanda"):
+            raise ValueError(f"Sparse24Config: method must be 'magnitude' or 'wanda', got {self.method!r}")
+        if self.method == "magnitude" and self.importance:
+            raise ValueError("Sparse24Config: importance is Wanda's input; with method='magnitude' it would be ignored")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError("filter_fn must be callable(module, fqn) -> bool")
+
+    def unused_names(self, converted: list[str]) -> set[str]:
+        """Importances given for layers patch_model does not convert: refused, not ignored."""
+        return set(self.importance) - set(converted)
+
+    def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
+        """The Sparse24Linear of linear, reachable in the model under names."""
+        if self.method == "magnitude":
+            return Sparse24Linear.from_linear(linear)
+        given = [name for name in names if name in self.importance]
+        if not given:
+            raise ValueError(f"Sparse24Config(method='wanda') has no importance for {names[0]}; collect the input "
+                             "norms with torchslim.compress.InputNorms over calibration batches")
+        first = torch.as_tensor(self.importance[given[0]])
+        if any(not torch.equal(torch.as_tensor(self.importance[n]), first) for n in given[1:]):
+            raise ValueError(f"Sparse24Config.importance gives the shared layer {names[0]} several importances "
+                             f"(under {', '.join(given)})")
+        return Sparse24Linear.from_linear(linear, importance=first)
+
+
+_SHORTCUTS = {"int8": Int8Config, "2:4": Sparse24Config}
+_CONFIG_TYPES = (Int8Config, Sparse24Config)
 
 
 @dataclass
@@ -89,7 +131,7 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _resolve_config(config) -> Int8Config:
+def _resolve_config(config) -> Int8Config | Sparse24Config:
     if isinstance(config, str):
         if config not in _SHORTCUTS:
             raise ValueError(f"unknown method {config!r}; known: {sorted(_SHORTCUTS)}")
@@ -139,10 +181,10 @@ def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Modul
         raise
 
 
-def patch_model(model: nn.Module, config: str | Int8Config, filter_fn: FilterFn | None = None) -> PatchReport:
+def patch_model(model: nn.Module, config: str | Int8Config | Sparse24Config, filter_fn: FilterFn | None = None) -> PatchReport:
     """Swaps, in place, every nn.Linear of model that the filter accepts for the module of config.
 
-    config: a config dataclass or a shortcut string ("int8"). filter_fn(module, fqn), if given,
+    config: a config dataclass or a shortcut string ("int8", "2:4" = magnitude 2:4). filter_fn(module, fqn), if given,
     overrides config.filter_fn. A layer reachable under several names (shared) becomes one
     compressed module at every site; the filter must then accept all its names or none. Every
     layer is converted before any is swapped, so a failure leaves the model unchanged. A model
@@ -177,7 +219,7 @@ def patch_model(model: nn.Module, config: str | Int8Config, filter_fn: FilterFn 
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Swaps every torchslim module in model back to nn.Linear (holding the dequantized weights);
+    """Swaps every torchslim module in model back to nn.Linear (holding the dequantized or pruned weights);
     a shared module becomes one shared nn.Linear. All or nothing, like patch_model."""
     sites = _sites(model, lambda m: isinstance(m, _PATCHED_TYPES), "unpatch_model")
     _swap_all(model, [(names, module, module.to_linear()) for module, names in sites.values()])

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "scalar_convert.h"
 #include "sparse24.h"
@@ -134,14 +135,91 @@ bool rows_block(const S24Args& a, int64_t n) {
   return ok;
 }
 
+// NB dense weight rows (w, ld elements apart, zero up to a whole 32-column step) x MB activation
+// rows from m: the microkernel of the buffered path.
+template <int NB, int MB>
+void dense_block(const S24Args& a, const char* w, int64_t ld, int64_t n, int64_t m) {
+  const int64_t xsize = a.x_dtype == Dtype::F32 ? 4 : 2, wsize = a.w_dtype == Dtype::F32 ? 4 : 2;
+  const char* xrow[MB];
+  for (int i = 0; i < MB; ++i) xrow[i] = static_cast<const char*>(a.x) + (m + i) * a.ldx * xsize;
+  __m512 acc[NB][MB];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+  const int64_t step = a.w_dtype == Dtype::F32 ? 16 : 32;
+  for (int64_t c = 0; c < a.K_pad; c += step) {
+    if (a.w_dtype == Dtype::F32) {
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(xrow[i]) + c);
+        for (int r = 0; r < NB; ++r)
+          acc[r][i] = _mm512_fmadd_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(w + r * ld * wsize) + c), xv, acc[r][i]);
+      }
+    } else if (a.w_dtype == Dtype::BF16) {
+      __m512i wv[NB];
+      for (int r = 0; r < NB; ++r) wv[r] = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(w + r * ld * wsize) + c);
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(xrow[i]) + c);
+        for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)wv[r], (__m512bh)xv);
+      }
+    } else {
+      __m512 lo[NB], hi[NB];
+      for (int r = 0; r < NB; ++r) {
+        const __m512i wv = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(w + r * ld * wsize) + c);
+        lo[r] = f16_low(wv);
+        hi[r] = f16_high(wv);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const float* xf = reinterpret_cast<const float*>(xrow[i]) + c;
+        const __m512 x0 = _mm512_loadu_ps(xf), x1 = _mm512_loadu_ps(xf + 16);
+        for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_fmadd_ps(hi[r], x1, _mm512_fmadd_ps(lo[r], x0, acc[r][i]));
+      }
+    }
+  }
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) {
+      float s = _mm512_reduce_add_ps(acc[r][i]);
+      if (a.bias) s += a.bias[n + r];
+      store_from_float(a.out, a.out_dtype, (m + i) * a.ldo + n + r, s);
+    }
+}
+
+template <int NB>
+void dense_rows(const S24Args& a, const char* w, int64_t ld, int64_t n) {
+  constexpr int kMB = 4;
+  int64_t m = 0;
+  for (; m + kMB <= a.M; m += kMB) dense_block<NB, kMB>(a, w, ld, n, m);
+  switch (a.M - m) {
+    case 3: dense_block<NB, 3>(a, w, ld, n, m); break;
+    case 2: dense_block<NB, 2>(a, w, ld, n, m); break;
+    case 1: dense_block<NB, 1>(a, w, ld, n, m); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 bool s24_linear_rows_avx512(const S24Args& a, int64_t n0, int64_t n1) {
   constexpr int kNB = 4;
   bool ok = true;
   int64_t n = n0;
-  for (; n + kNB <= n1; n += kNB) ok &= rows_block<kNB>(a, n);
-  for (; n < n1; ++n) ok &= rows_block<1>(a, n);
+  if (a.M <= 4) {
+    // One block of activation rows: expand in registers, straight from the compressed weight.
+    for (; n + kNB <= n1; n += kNB) ok &= rows_block<kNB>(a, n);
+    for (; n < n1; ++n) ok &= rows_block<1>(a, n);
+    return ok;
+  }
+  // Several blocks of activation rows: expand kNB weight rows once into a buffer that stays in
+  // L1/L2, and run every activation block over it (expanding per block would repeat the work).
+  const int64_t wsize = a.w_dtype == Dtype::F32 ? 4 : 2, ld = (a.K_pad + 31) / 32 * 32;
+  std::vector<char> buf(kNB * ld * wsize, 0);  // columns K_pad .. ld stay zero
+  const S24Expand e{a.values, a.w_dtype, a.meta, a.K_pad, buf.data(), ld};
+  for (; n + kNB <= n1; n += kNB) {
+    ok &= s24_expand_rows_avx512(e, n, n + kNB);
+    dense_rows<kNB>(a, buf.data(), ld, n);
+  }
+  for (; n < n1; ++n) {
+    ok &= s24_expand_rows_avx512(e, n, n + 1);
+    dense_rows<1>(a, buf.data(), ld, n);
+  }
   return ok;
 }
 

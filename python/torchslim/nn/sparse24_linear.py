@@ -1,0 +1,156 @@
+"""Sparse24Linear: 2:4 semi-structured sparse replacement for nn.Linear."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..compress.prune import prune_24
+from ..formats import sparse24 as sparse24_format
+
+
+class Sparse24Linear(nn.Module):
+    """y = x @ W.T + bias with W 2:4 sparse, stored compressed and never expanded in memory.
+
+    Buffers (ordinary tensors: state_dict / safetensors / deepcopy / torch.compile work, and the
+    same form on every device): ``values`` (N, K_pad / 2) in the layer's float dtype, ``meta``
+    (N, K_pad / 16) int16 (formats/sparse24.py), ``bias`` (N,) or None. The weight is frozen:
+    gradients flow to x (and the layers below) and to nothing here. ``load_state_dict`` checks the
+    incoming tensors (dtypes, shapes, every metadata group, finite values) before writing any.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"Sparse24Linear: {name} must be a non-negative int, got {v!r}")
+        if dtype not in _FLOATS:
+            raise TypeError(f"Sparse24Linear: dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        (vs, ms) = sparse24_format.shapes(out_features, in_features)
+        values = torch.zeros(vs, dtype=dtype, device=device)
+        # An all-zero weight with valid metadata (positions 0 and 1 in every group).
+        meta = torch.full(ms, 0x4444, dtype=torch.int16, device=device)
+        self.register_buffer("values", values)
+        self.register_buffer("meta", meta)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, importance: Tensor | None = None) -> "Sparse24Linear":
+        """Prunes linear's weight to 2:4 and compresses it: Wanda (|W| x importance[k]) when the
+        per-input-feature importance (in_features,) is given -- the L2 norms of the inputs over
+        calibration data, compress.InputNorms collects them -- magnitude (|W|) otherwise. The
+        layer's dtype (float32, bfloat16, float16) is kept. A meta-device linear gives a meta module."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Sparse24Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"Sparse24Linear.from_linear: the layer is {w.dtype}; Sparse24Linear computes in "
+                            "float32, bfloat16 or float16: convert the model first")
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        if w.is_meta:
+            return mod
+        values, meta = sparse24_format.pack(prune_24(w, importance))
+        mod.values.copy_(values)
+        mod.meta.copy_(meta)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def to_linear(self) -> nn.Linear:
+        """The dense nn.Linear of the pruned weight (same dtype and device)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def dense_weight(self) -> Tensor:
+        """The (out_features, in_features) pruned weight, expanded (a new tensor)."""
+        return sparse24_format.unpack(self.values, self.meta, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
+        K, buffers = self.in_features, self._buffers
+        if x.dim() == 0 or x.shape[-1] != K:
+            raise RuntimeError(f"Sparse24Linear(in_features={K}): x must have {K} features in its last dimension, "
+                               f"got shape {list(x.shape)}")
+        values = buffers["values"]
+        if x.dtype != values.dtype:
+            raise RuntimeError(f"Sparse24Linear: x is {x.dtype} but the layer is {values.dtype} (as nn.Linear, "
+                               "the input must have the layer's dtype)")
+        lead = x.shape[:-1]
+        x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+        y = _SPARSE24_LINEAR(x2.contiguous(), values, buffers["meta"], buffers["bias"])
+        return y.reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves and float dtype casts (.half(), .to(torch.bfloat16)) apply to values and bias
+        # alike; anything that would turn the metadata into another type, or the values into a
+        # dtype the kernels lack, is refused before a buffer changes.
+        device = self.meta.device
+        if fn(torch.empty(0, dtype=torch.int16, device=device)).dtype != torch.int16:
+            raise TypeError("Sparse24Linear: this conversion would change the int16 metadata; use to_linear() first")
+        probe = fn(torch.empty(0, dtype=self.values.dtype, device=device))
+        if probe.dtype not in _FLOATS:
+            raise TypeError(f"Sparse24Linear: this conversion would make the weight {probe.dtype}; Sparse24Linear "
+                            "runs on float32, bfloat16 or float16")
+        before = dict(self._buffers)
+        try:
+            return super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.clear()
+            self._buffers.update(before)
+            raise
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Check the incoming compressed weight as a whole before nn.Module's loader writes anything:
+        # a corrupt checkpoint (bad metadata, wrong shapes or dtypes, non-finite values) is refused.
+        incoming = {name: state_dict[prefix + name] for name in ("values", "meta", "bias") if prefix + name in state_dict}
+        problems = _checkpoint_problems(incoming, self)
+        if problems:
+            error_msgs.extend(f"{prefix}{p}" for p in problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=2:4 {self.values.dtype}")
+
+
+_FLOATS = ops._FLOATS
+_SPARSE24_LINEAR = torch.ops.torchslim.sparse24_linear.default
+
+
+def _checkpoint_problems(incoming: dict, module: Sparse24Linear) -> list[str]:
+    problems = []
+    for name, t in incoming.items():
+        if not isinstance(t, Tensor):
+            problems.append(f"{name}: expected a tensor, got {type(t).__name__}")
+    if problems:
+        return problems
+    N, K = module.out_features, module.in_features
+    values, meta = incoming.get("values"), incoming.get("meta")
+    if (values is None) != (meta is None):
+        return ["values and meta are one weight: a checkpoint must hold both or neither"]
+    if values is not None:
+        problems += sparse24_format.check(values, meta, K)
+        if not problems and values.shape[0] != N:
+            problems.append(f"values must have {N} rows, got {values.shape[0]}")
+        if not problems and not values.is_meta and not bool(torch.isfinite(values).all()):
+            problems.append("values hold NaN or Inf")
+    bias = incoming.get("bias")
+    if bias is not None:
+        if module.bias is None:
+            pass  # nn.Module's loader reports it as an unexpected key
+        elif bias.shape != (N,) or not bias.is_floating_point():
+            problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+        elif not bias.is_meta and not bool(torch.isfinite(bias).all()):
+            problems.append("bias holds NaN or Inf")
+    return problems
