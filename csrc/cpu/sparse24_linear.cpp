@@ -136,10 +136,36 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     return out;
   }
 
-  // Many rows of bfloat16 or float32: compute dominates, the dense GEMM on expanded blocks. The
-  // crossovers, measured on 4096 x 4096 (Sapphire Rapids, 2 threads): bfloat16 from 5 rows (vdpbf16ps
-  // runs at ~1 per 2 cycles there, while oneDNN has AMX), float32 from 40.
   const Dtype dt = float_dtype(x.scalar_type());
+  const at::Tensor bias_f = bias_x.defined() ? bias_x.to(at::kFloat) : at::Tensor();
+  const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+
+  // bfloat16 with AMX, beyond a few rows: the AMX kernel, which expands one 16 x 32 weight tile at
+  // a time into the tile multiply.
+  constexpr int64_t kAmxMinRows = 5;
+  if (dt == Dtype::BF16 && M >= kAmxMinRows && avx512 && cpu::active_isa() == cpu::Isa::Amx &&
+      cpu::s24_amx_supported()) {
+    const at::Tensor xk = padded_x(x, round_up(K_pad, cpu::kS24XPad), at::kBFloat16);
+    const int64_t mtiles = (M + 15) / 16, steps = round_up(K_pad, 32) / 32;
+    at::Tensor xv = at::empty({mtiles * steps * 512}, x.options());
+    auto* xv_ptr = reinterpret_cast<uint16_t*>(xv.data_ptr());
+    at::parallel_for(0, mtiles, 1, [&](int64_t b, int64_t e) {
+      cpu::s24_prepare_x_amx(reinterpret_cast<const uint16_t*>(xk.data_ptr()), xk.size(1), M, K_pad, xv_ptr, b, e);
+    });
+    const cpu::S24Args args{nullptr, 0, Dtype::BF16, values.data_ptr(), dt, meta.data_ptr<int16_t>(), K_pad,
+                            bias_ptr, out.data_ptr(), N, dt, M};
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b, int64_t e) {
+      if (!cpu::s24_linear_rows_amx(args, xv_ptr, b * 16, std::min(N, e * 16))) ok = false;
+    });
+    if (!ok) raise_bad_meta(meta, op);
+    return out;
+  }
+
+  // Many rows of bfloat16 (without AMX) or float32: compute dominates, the dense GEMM on expanded
+  // blocks. The crossovers, measured on 4096 x 4096 (Sapphire Rapids, 2 threads): float32 from 40
+  // rows; bfloat16 from 5 rows where vdpbf16ps runs at ~1 per 2 cycles (there, with AMX, the AMX kernel
+  // takes these rows instead).
   const int64_t dense_min_rows = dt == Dtype::BF16 ? 5 : 40;
   if (M >= dense_min_rows && dt != Dtype::F16) {
     if (!dense_blocks(x, values, meta, bias_x, out, avx512)) raise_bad_meta(meta, op);
@@ -150,10 +176,8 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   // bfloat16 kernel (vdpbf16ps), float32 otherwise; padded with zero columns to whole steps.
   const at::ScalarType xt = avx512 && dt == Dtype::BF16 ? at::kBFloat16 : at::kFloat;
   const at::Tensor xk = padded_x(x, round_up(K_pad, cpu::kS24XPad), xt);
-  const at::Tensor bias_f = bias_x.defined() ? bias_x.to(at::kFloat) : at::Tensor();
   const cpu::S24Args args{xk.data_ptr(), xk.size(1), float_dtype(xt), values.data_ptr(), dt,
-                          meta.data_ptr<int16_t>(), K_pad, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                          out.data_ptr(), N, dt, M};
+                          meta.data_ptr<int16_t>(), K_pad, bias_ptr, out.data_ptr(), N, dt, M};
   auto* rows_fn = avx512 ? cpu::s24_linear_rows_avx512 : cpu::s24_linear_rows_scalar;
   // Tasks of whole 4-row blocks with at least ~32K kept values times rows of x each.
   const int64_t grain = round_up(std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(1, K_pad / 2 * M)), 4);

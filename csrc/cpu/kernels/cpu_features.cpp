@@ -94,6 +94,15 @@ bool s24_avx512_supported() {
   return yes;
 }
 
+bool s24_amx_supported() {
+  static const bool yes = [] {
+    uint32_t a, b, c, d;
+    return s24_avx512_supported() && isa_supported(Isa::Amx) && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+           bit(d, 22);  // AMX-BF16
+  }();
+  return yes;
+}
+
 Isa best_isa() {
   Isa best = Isa::Scalar;
   for (Isa isa : kAllIsas)

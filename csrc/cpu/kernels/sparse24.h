@@ -51,8 +51,18 @@ struct S24Expand {
 bool s24_expand_rows_scalar(const S24Expand& e, int64_t n0, int64_t n1);
 bool s24_expand_rows_avx512(const S24Expand& e, int64_t n0, int64_t n1);
 
+// AMX (bfloat16 only): x (M rows of round_up(K_pad, 32) bfloat16, zero beyond K) transposed into
+// B tiles, 16 rows x 32 columns each in the VNNI pair order: tile (mt, ks) at xv + (mt * steps + ks)
+// * 512, steps = round_up(K_pad, 32) / 32, rows beyond M zero. Prepares m-tiles [mt0, mt1).
+void s24_prepare_x_amx(const uint16_t* x, int64_t ldx, int64_t M, int64_t K_pad, uint16_t* xv, int64_t mt0, int64_t mt1);
+// As s24_linear_rows_avx512, reading x from the tiles of s24_prepare_x_amx (a.x is unused).
+bool s24_linear_rows_amx(const S24Args& a, const uint16_t* xv, int64_t n0, int64_t n1);
+
 // Whether this CPU runs the AVX-512 2:4 kernels (AVX-512 F/BW/VL/DQ + BF16 + VBMI2: Zen4,
 // Sapphire Rapids and newer); they are used when also the active ISA is avx512_vnni or amx.
 bool s24_avx512_supported();
+// Whether it runs the AMX one too (AMX-TILE + AMX-BF16 usable, and the above); used when the active
+// ISA is amx.
+bool s24_amx_supported();
 
 }  // namespace torchslim::cpu

@@ -11,50 +11,10 @@
 
 #include "scalar_convert.h"
 #include "sparse24.h"
+#include "sparse24_simd.h"
 
 namespace torchslim::cpu {
 namespace {
-
-// Columns per slab: the lane masks of 512 columns (64 meta bytes) are made in one pass.
-constexpr int64_t kSlab = 512;
-
-// The lane masks of up to 64 meta bytes (2 groups each) into mk[0..nbytes): byte b of mk holds
-// the masks of groups 2b (bits 0-3) and 2b + 1 (bits 4-7). Returns false on an invalid nibble.
-inline bool lane_masks(const uint8_t* meta, int64_t nbytes, uint8_t* mk) {
-  static const __m512i lut = [] {
-    alignas(64) uint8_t t[64];
-    for (int i = 0; i < 64; ++i) t[i] = s24_nibble_entry(i & 15);
-    return _mm512_load_si512(t);
-  }();
-  const __mmask64 live = nbytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << nbytes) - 1;
-  const __m512i b = _mm512_maskz_loadu_epi8(live, meta);
-  const __m512i nib_mask = _mm512_set1_epi8(0x0F);
-  const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, nib_mask));
-  const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), nib_mask));
-  const __m512i m = _mm512_or_si512(_mm512_and_si512(lo, nib_mask), _mm512_slli_epi16(_mm512_and_si512(hi, nib_mask), 4));
-  _mm512_store_si512(mk, m);
-  return _mm512_mask_test_epi8_mask(live, _mm512_or_si512(lo, hi), _mm512_set1_epi8(0x10)) == 0;
-}
-
-// One step of the weight in 16-bit lanes: 32 columns from 16 values (or 16 columns from 8 values
-// at the end of a row, the upper lanes zero).
-inline __m512i expand16(const uint16_t* v, const uint8_t* mk, bool half) {
-  if (half) {
-    uint16_t k;
-    std::memcpy(&k, mk, 2);
-    return _mm512_maskz_expand_epi16(k, _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(0xFF, v)));
-  }
-  uint32_t k;
-  std::memcpy(&k, mk, 4);
-  return _mm512_maskz_expand_epi16(k, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))));
-}
-
-// 16 columns of a float32 weight from 8 values.
-inline __m512 expand32(const float* v, const uint8_t* mk) {
-  uint16_t k;
-  std::memcpy(&k, mk, 2);
-  return _mm512_maskz_expand_ps(k, _mm512_castps256_ps512(_mm256_loadu_ps(v)));
-}
 
 inline __m512 f16_low(__m512i w) { return _mm512_cvtph_ps(_mm512_castsi512_si256(w)); }
 inline __m512 f16_high(__m512i w) { return _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1)); }
@@ -82,11 +42,11 @@ bool block(const S24Args& a, int64_t n, int64_t m) {
   const Dtype wdt = a.w_dtype;
   for (int64_t c0 = 0; c0 < a.K_pad; c0 += kSlab) {
     const int64_t cols = std::min(kSlab, a.K_pad - c0);
-    for (int r = 0; r < NB; ++r) ok &= lane_masks(mrow[r] + c0 / 8, cols / 8, mk[r]);
+    for (int r = 0; r < NB; ++r) ok &= s24_lane_masks(mrow[r] + c0 / 8, cols / 8, mk[r]);
     if (wdt == Dtype::F32) {
       for (int64_t c = 0; c < cols; c += 16) {
         __m512 w[NB];
-        for (int r = 0; r < NB; ++r) w[r] = expand32(reinterpret_cast<const float*>(vrow[r]) + (c0 + c) / 2, mk[r] + c / 8);
+        for (int r = 0; r < NB; ++r) w[r] = s24_expand32(reinterpret_cast<const float*>(vrow[r]) + (c0 + c) / 2, mk[r] + c / 8);
         for (int i = 0; i < MB; ++i) {
           const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(xrow[i]) + c0 + c);
           for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_fmadd_ps(w[r], xv, acc[r][i]);
@@ -97,7 +57,7 @@ bool block(const S24Args& a, int64_t n, int64_t m) {
     for (int64_t c = 0; c < cols; c += 32) {
       const bool half = c + 32 > cols;
       __m512i w[NB];
-      for (int r = 0; r < NB; ++r) w[r] = expand16(reinterpret_cast<const uint16_t*>(vrow[r]) + (c0 + c) / 2, mk[r] + c / 8, half);
+      for (int r = 0; r < NB; ++r) w[r] = s24_expand16(reinterpret_cast<const uint16_t*>(vrow[r]) + (c0 + c) / 2, mk[r] + c / 8, half);
       for (int i = 0; i < MB; ++i) {
         if (wdt == Dtype::BF16) {
           const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const uint16_t*>(xrow[i]) + c0 + c);
@@ -231,18 +191,18 @@ bool s24_expand_rows_avx512(const S24Expand& e, int64_t n0, int64_t n1) {
     const uint8_t* meta = reinterpret_cast<const uint8_t*>(e.meta + n * words);
     for (int64_t c0 = 0; c0 < e.K_pad; c0 += kSlab) {
       const int64_t cols = std::min(kSlab, e.K_pad - c0);
-      ok &= lane_masks(meta + c0 / 8, cols / 8, mk);
+      ok &= s24_lane_masks(meta + c0 / 8, cols / 8, mk);
       if (e.w_dtype == Dtype::F32) {
         const float* v = static_cast<const float*>(e.values) + n * row_values + c0 / 2;
         float* d = static_cast<float*>(e.dst) + (n - n0) * e.ld + c0;
-        for (int64_t c = 0; c < cols; c += 16) _mm512_storeu_ps(d + c, expand32(v + c / 2, mk + c / 8));
+        for (int64_t c = 0; c < cols; c += 16) _mm512_storeu_ps(d + c, s24_expand32(v + c / 2, mk + c / 8));
         continue;
       }
       const uint16_t* v = static_cast<const uint16_t*>(e.values) + n * row_values + c0 / 2;
       uint16_t* d = static_cast<uint16_t*>(e.dst) + (n - n0) * e.ld + c0;
       for (int64_t c = 0; c < cols; c += 32) {
         const bool half = c + 32 > cols;
-        _mm512_mask_storeu_epi16(d + c, half ? 0xFFFFu : ~0u, expand16(v + c / 2, mk + c / 8, half));
+        _mm512_mask_storeu_epi16(d + c, half ? 0xFFFFu : ~0u, s24_expand16(v + c / 2, mk + c / 8, half));
       }
     }
   }
