@@ -41,28 +41,46 @@ ROUNDINGS = 3
 HALF_SUBNORMAL_SPACING = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
 
 ALL_ISAS = ["scalar", "avx2", "avx_vnni", "avx512_vnni", "amx"]
+# The 2:4 kernel paths: scalar (what "avx2" and "avx_vnni" also run), AVX-512 and AMX.
+SPARSE24_ISAS = ["scalar", "avx512_vnni", "amx"]
 
 
 def available_isas():
     return list(torchslim._C.supported_cpu_isas())
 
 
+def _run_on_isa(isa):
+    if isa not in available_isas():
+        pytest.skip(f"this CPU lacks {isa}")
+    before = torchslim._C.cpu_isa()
+    torchslim.set_cpu_isa(isa)
+    try:
+        yield isa
+    finally:
+        torchslim.set_cpu_isa(before)
+
+
 @pytest.fixture(params=ALL_ISAS)
 def cpu_isa(request):
     """Runs a test once per CPU kernel path this machine can execute; restores the default."""
-    if request.param not in available_isas():
-        pytest.skip(f"this CPU lacks {request.param}")
-    before = torchslim._C.cpu_isa()
-    torchslim.set_cpu_isa(request.param)
-    yield request.param
-    torchslim.set_cpu_isa(before)
+    yield from _run_on_isa(request.param)
 
 
-def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: torch.Tensor | None = None):
-    """out (any float dtype) against a float64 reference, with the bound above."""
+@pytest.fixture(params=SPARSE24_ISAS)
+def sparse24_isa(request):
+    """Runs a test once per 2:4 kernel path this machine can execute (avx512_vnni: the AVX-512
+    kernels where the CPU also has AVX512_BF16 and VBMI2, else the scalar ones)."""
+    yield from _run_on_isa(request.param)
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: torch.Tensor | None = None,
+                              float32_roundings: int = ROUNDINGS):
+    """out (any float dtype) against a float64 reference, with the bound above. A float32 sum of n
+    terms (a float GEMM's accumulator) makes at most n roundings, each relative to partial sums no
+    larger than mag = sum |terms|: pass float32_roundings = n and scale_mag = that sum."""
     u = UNIT_ROUNDOFF[out.dtype]
     mag = ref.abs() if scale_mag is None else scale_mag
-    bound = u * ref.abs() + 2 * ROUNDINGS * UNIT_ROUNDOFF[torch.float32] * mag
+    bound = u * ref.abs() + 2 * float32_roundings * UNIT_ROUNDOFF[torch.float32] * mag
     bound = bound + HALF_SUBNORMAL_SPACING[out.dtype]  # absolute, for results below the normal range
     assert out.shape == ref.shape, (out.shape, ref.shape)
     if out.numel() == 0:

@@ -36,7 +36,7 @@ def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
         return w.clone()
     k_pad = -(-K // 4) * 4
     # Padded columns score -1, below every real weight; a stable sort keeps the lower column on ties.
-    groups = nn.functional.pad(score, (0, k_pad - K), value=-1.0).reshape(N, -1, 4)
+    groups = nn.functional.pad(score, (0, k_pad - K), value=-1.0).reshape(N, k_pad // 4, 4)
     order = groups.argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :2], True)
     return torch.where(keep.reshape(N, k_pad)[:, :K], w, torch.zeros_like(w))

@@ -50,8 +50,8 @@ def shapes(N: int, K: int) -> tuple[tuple[int, int], tuple[int, int]]:
 def _groups(w: Tensor) -> Tensor:
     """w (N, K) zero-padded to K_pad columns, as (N, K_pad / 4, 4) groups."""
     N, K = w.shape
-    w = torch.nn.functional.pad(w, (0, padded_k(K) - K))
-    return w.reshape(N, -1, GROUP)
+    k_pad = padded_k(K)
+    return torch.nn.functional.pad(w, (0, k_pad - K)).reshape(N, k_pad // GROUP, GROUP)
 
 
 def is_24(w: Tensor) -> bool:
@@ -83,7 +83,7 @@ def pack(w: Tensor) -> tuple[Tensor, Tensor]:
     pos = torch.arange(GROUP, device=w.device)
     order_key = (~nonzero).to(torch.int64) * GROUP + pos
     kept = order_key.argsort(-1)[..., :KEPT].sort(-1).values  # (N, G, 2), increasing
-    values = g.gather(-1, kept).reshape(N, -1).contiguous()
+    values = g.gather(-1, kept).reshape(N, g.shape[1] * KEPT).contiguous()
     nibbles = kept[..., 0] | (kept[..., 1] << 2)  # (N, G)
     return values, _nibbles_to_meta(nibbles)
 
@@ -91,14 +91,14 @@ def pack(w: Tensor) -> tuple[Tensor, Tensor]:
 def _nibbles_to_meta(nibbles: Tensor) -> Tensor:
     N = nibbles.shape[0]
     shifts = torch.arange(0, 16, 4, device=nibbles.device)
-    words = (nibbles.reshape(N, -1, GROUPS_PER_WORD).to(torch.int32) << shifts).sum(-1)
+    words = (nibbles.reshape(N, nibbles.shape[1] // GROUPS_PER_WORD, GROUPS_PER_WORD).to(torch.int32) << shifts).sum(-1)
     return torch.where(words >= 2**15, words - 2**16, words).to(torch.int16).contiguous()
 
 
 def nibbles(meta: Tensor) -> Tensor:
     """meta (N, W) int16 -> its (N, 4 W) nibbles (int64), group by group."""
     shifts = torch.arange(0, 16, 4, device=meta.device)
-    return ((meta.to(torch.int64) & 0xFFFF)[..., None] >> shifts & 0xF).reshape(meta.shape[0], -1)
+    return ((meta.to(torch.int64) & 0xFFFF)[..., None] >> shifts & 0xF).reshape(meta.shape[0], meta.shape[1] * 4)
 
 
 def positions(meta: Tensor) -> Tensor:
@@ -106,7 +106,7 @@ def positions(meta: Tensor) -> Tensor:
     nib = nibbles(meta)
     within = torch.stack((nib & 3, nib >> 2), dim=-1)  # (N, G, 2)
     base = torch.arange(nib.shape[1], device=meta.device)[:, None] * GROUP
-    return (base + within).reshape(meta.shape[0], -1)
+    return (base + within).reshape(meta.shape[0], nib.shape[1] * KEPT)
 
 
 def unpack(values: Tensor, meta: Tensor, K: int) -> Tensor:
