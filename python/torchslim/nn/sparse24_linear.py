@@ -140,9 +140,10 @@ def _checkpoint_problems(incoming: dict, module: Sparse24Linear) -> list[str]:
     if (values is None) != (meta is None):
         return ["values and meta are one weight: a checkpoint must hold both or neither"]
     if values is not None:
-        problems += sparse24_format.check(values, meta, K)
-        if not problems and values.shape[0] != N:
-            problems.append(f"values must have {N} rows, got {values.shape[0]}")
+        if values.dim() == 2 and values.shape[0] != N:
+            problems.append(f"values must have shape {list(sparse24_format.shapes(N, K)[0])}, got {list(values.shape)}")
+        else:
+            problems += sparse24_format.check(values, meta, K)
         if not problems and not values.is_meta and not bool(torch.isfinite(values).all()):
             problems.append("values hold NaN or Inf")
     bias = incoming.get("bias")

@@ -1,0 +1,186 @@
+"""Sparse24Linear, Sparse24Config and patch_model(model, "2:4"): pruning, equivalence with the dense
+pruned layer, state_dict and device round trips, corrupted checkpoints, compile, Wanda calibration."""
+import copy
+import io
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES
+from torch import nn
+
+import torchslim
+from torchslim import Sparse24Config, Sparse24Linear, patch_model, unpatch_model
+from torchslim.compress import InputNorms, prune_24
+from torchslim.formats import sparse24 as f
+
+
+def linear(K=40, N=24, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(K, N, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("K", [40, 37, 3])
+def test_from_linear_equals_its_dense_pruned_layer(dtype, bias, K):
+    lin = linear(K, 24, bias, dtype)
+    mod = Sparse24Linear.from_linear(lin)
+    dense = mod.to_linear()
+    assert dense.weight.dtype == dtype and f.is_24(dense.weight)
+    assert torch.equal(dense.weight, prune_24(lin.weight).to(dtype))
+    for shape in [(K,), (5, K), (2, 3, K)]:
+        x = torch.randn(shape).to(dtype)
+        torch.testing.assert_close(mod(x), dense(x), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+
+
+def test_wanda_importance_changes_what_is_kept():
+    lin = linear()
+    importance = torch.rand(40) * 100
+    mod = Sparse24Linear.from_linear(lin, importance=importance)
+    assert torch.equal(mod.to_linear().weight, prune_24(lin.weight, importance))
+    assert not torch.equal(mod.to_linear().weight, Sparse24Linear.from_linear(lin).to_linear().weight)
+
+
+def test_gradient_reaches_x_and_the_layers_below_not_the_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 6))
+    patch_model(model, "2:4", filter_fn=lambda m, fqn: fqn == "2")
+    assert isinstance(model[2], Sparse24Linear)
+    x = torch.randn(3, 8, requires_grad=True)
+    model(x).square().sum().backward()
+    assert x.grad is not None and model[0].weight.grad is not None
+    assert list(model[2].parameters()) == []
+
+
+def test_state_dict_round_trip_and_safetensors_style_tensors():
+    mod = Sparse24Linear.from_linear(linear())
+    sd = mod.state_dict()
+    assert set(sd) == {"values", "meta", "bias"} and sd["meta"].dtype == torch.int16
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    fresh = Sparse24Linear(40, 24)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    x = torch.randn(4, 40)
+    assert torch.equal(fresh(x), mod(x))
+
+
+def test_load_into_a_meta_module_with_assign():
+    mod = Sparse24Linear.from_linear(linear())
+    with torch.device("meta"):
+        empty = Sparse24Linear.from_linear(nn.Linear(40, 24))
+    assert empty.values.is_meta
+    empty.load_state_dict(mod.state_dict(), assign=True)
+    x = torch.randn(2, 40)
+    assert torch.equal(empty(x), mod(x))
+
+
+def corruptions():
+    good = Sparse24Linear.from_linear(linear()).state_dict()
+
+    def spoil(name, fn):
+        sd = {k: v.clone() for k, v in good.items()}
+        sd[name] = fn(sd[name])
+        return sd
+
+    def bad_nibble(meta):
+        meta[3, 1] = 0x4404  # row 3, group 5: positions (0, 0)
+        return meta
+
+    yield "duplicated positions", spoil("meta", bad_nibble), r"meta row 3, group 5 .* holds positions \(0, 0\)"
+    yield "meta dtype", spoil("meta", lambda m: m.int()), "meta must be int16"
+    yield "meta shape", spoil("meta", lambda m: m[:, :2]), "meta must have shape"
+    yield "values shape", spoil("values", lambda v: v[:, :-1]), "values must have shape"
+    yield "values rows", spoil("values", lambda v: v[:-1]), "values must have shape"
+    yield "values NaN", spoil("values", lambda v: v.index_fill(1, torch.tensor([3]), float("nan"))), "NaN or Inf"
+    yield "values int", spoil("values", lambda v: v.long()), "values must be float32"
+    yield "bias shape", spoil("bias", lambda b: b[:-1]), "bias must be a float tensor of shape"
+    yield "bias Inf", spoil("bias", lambda b: b.fill_(float("inf"))), "NaN or Inf"
+    sd = dict(good)
+    del sd["meta"]
+    yield "values without meta", sd, "must hold both or neither"
+
+
+@pytest.mark.parametrize("name,sd,message", list(corruptions()), ids=[c[0] for c in corruptions()])
+def test_corrupted_checkpoints_are_refused_and_change_nothing(name, sd, message):
+    mod = Sparse24Linear.from_linear(linear(seed=1))
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    with pytest.raises(RuntimeError, match=message):
+        mod.load_state_dict(sd)
+    after = mod.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_conversions_follow_the_model(dtype):
+    mod = Sparse24Linear.from_linear(linear())
+    converted = copy.deepcopy(mod).to(dtype)
+    assert converted.values.dtype == dtype and converted.bias.dtype == dtype and converted.meta.dtype == torch.int16
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(converted(x.to(dtype)).float(), mod(x), rtol=3e-2, atol=3e-2)
+    with pytest.raises(RuntimeError, match="x is torch.float32 but the layer is"):
+        converted(x)
+
+
+def test_conversions_that_would_break_the_format_are_refused():
+    mod = Sparse24Linear.from_linear(linear())
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        mod.double()
+    assert mod.values.dtype == torch.float32
+    with pytest.raises(TypeError, match="int16 metadata"):
+        mod._apply(lambda t: t.to(torch.int32))
+    assert mod.meta.dtype == torch.int16
+
+
+def test_forward_names_a_wrong_width():
+    mod = Sparse24Linear.from_linear(linear())
+    with pytest.raises(RuntimeError, match="x must have 40 features"):
+        mod(torch.randn(3, 41))
+
+
+def test_compile_fullgraph_of_a_patched_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    patch_model(model, "2:4")
+    x = torch.randn(5, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_patch_model_wanda_with_calibration_and_unpatch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(10, 16)
+    with InputNorms(model) as norms:
+        model(x)
+    importance = norms.result()
+    original = copy.deepcopy(model)
+    report = patch_model(model, Sparse24Config(method="wanda", importance=importance))
+    assert report.method == "Sparse24Config" and len(report.layers) == 2
+    assert report.bytes_after < report.bytes_before
+    for name in ("0", "2"):
+        expected = prune_24(original.get_submodule(name).weight, importance[name])
+        assert torch.equal(model.get_submodule(name).to_linear().weight, expected)
+    unpatch_model(model)
+    assert type(model[0]) is nn.Linear and f.is_24(model[0].weight)
+
+
+def test_config_refuses_what_it_would_ignore():
+    with pytest.raises(ValueError, match="'magnitude' or 'wanda'"):
+        Sparse24Config(method="random")
+    with pytest.raises(ValueError, match="ignored"):
+        Sparse24Config(importance={"0": torch.ones(16)})
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    with pytest.raises(ValueError, match="no importance for 2"):
+        patch_model(model, Sparse24Config(method="wanda", importance={"0": torch.ones(16)}))
+    with pytest.raises(ValueError, match="not converted: typo"):
+        patch_model(model, Sparse24Config(method="wanda", importance={"0": torch.ones(16), "2": torch.ones(32),
+                                                                      "typo": torch.ones(3)}))
+    assert type(model[0]) is nn.Linear  # nothing swapped
+
+
+def test_shortcut_and_shared_layers():
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    patch_model(model, "2:4")
+    assert isinstance(model[0], Sparse24Linear) and model[0] is model[2]
+    assert torchslim.Sparse24Linear is Sparse24Linear
