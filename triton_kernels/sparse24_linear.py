@@ -17,7 +17,13 @@ Metadata is not validated here (on CUDA that would need a device sync per call):
 it when it is built or loaded. Any bit pattern is memory-safe: addresses depend only on the tile
 coordinates, never on the metadata, whose nibbles only select, inside their own group of four
 columns, which of the group's two loaded values (or zero) each column gets. An invalid nibble
-(i0 >= i1) gives a wrong product for that group, never an out-of-bounds read.
+(i0 >= i1) only makes that group's weights wrong (column 4g + p gets the first value where
+i0 == p, else the second where i1 == p, else 0), never an out-of-bounds read.
+
+Compiled for sm_90 (Triton 3.9, checked ahead of time by the tests): tl.dot becomes wgmma
+(m64n128k16, float32 accumulator) for the 128-row tiles and mma.sync m16n8k16 for the 16-row decode
+tiles; the value, meta and x tiles arrive by 16-byte cp.async, software-pipelined. Under the Triton
+interpreter bfloat16 tiles are multiplied in float32 (its bfloat16 dot is wrong), which is exact.
 
 Columns K .. K_pad of the padded weight contribute nothing: x is read as zero there and the
 expanded weight is zeroed there too, so even NaN/Inf in the padding never reaches an output.
@@ -113,14 +119,14 @@ def _sparse24_matmul_kernel(
     pos = tl.arange(0, 4)  # a column's position in its group
     zero = tl.zeros((BLOCK_N, G, 4), dtype=v_ptr.dtype.element_ty)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K  # columns of x left from this step on (used by the masked steps)
         if EVEN_K:  # K is a multiple of BLOCK_K (so K = K_pad): only rows and channels are masked
             a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             vals = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
             words = tl.load(m_ptrs, mask=mask_n[:, None], other=0)
         else:
             # The last step may pass K (x reads 0 there) and K_pad (values and meta read 0 there).
-            k_left = K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             vals = tl.load(v_ptrs, mask=mask_n[:, None] & (offs_h[None, :] < HALF - k * (BLOCK_K // 2)), other=0.0)
             words = tl.load(m_ptrs, mask=mask_n[:, None] & (offs_w[None, :] < WORDS - k * (BLOCK_K // 16)), other=0)

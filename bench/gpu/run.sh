@@ -3,12 +3,14 @@
 # scikit-build-core, pybind11, pytest and hypothesis already installed):
 #   1. build and install torchslim with its CUDA kernels against the installed torch,
 #   2. the GPU tests (pytest -m gpu), then the rest of the suite (-m "not gpu"),
-#   3. the int8_linear GPU benchmark, whose table of ratios is the last thing printed.
+#   3. the int8_linear GPU benchmark, 4. the sparse24_linear GPU benchmark; their tables of ratios are
+#      the last things printed.
 # Logs and the benchmark JSON go to bench/results/ and, when $OUT is set, to $OUT as well.
 # A failing test step does not stop the benchmark; the exit status is non-zero if any step failed.
 #
-#   bash bench/gpu/run.sh            # ~4-6 min on an H200 (steps have time limits: 11.5 min at most)
-#   QUICK=1 bash bench/gpu/run.sh    # benchmark on two shapes only
+#   bash bench/gpu/run.sh            # ~7-8 min on an H200 (steps have time limits: 14 min at most;
+#                                    # the sparse24 benchmark starts no new case after 90 s)
+#   QUICK=1 bash bench/gpu/run.sh    # benchmarks on two shapes only
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -70,7 +72,7 @@ run_tests() {  # name, timeout, pytest args...
   summary+=("$name: $last ($((SECONDS - t0)) s)")
   [ $rc -eq 0 ] || status=1
 }
-run_tests gpu_tests 150 -m gpu
+run_tests gpu_tests 180 -m gpu
 run_tests other_tests 120 -m "not gpu"
 
 # ---- 3. benchmark -----------------------------------------------------------------------------
@@ -83,15 +85,29 @@ rc=${PIPESTATUS[0]}
 keep "$LOGS/bench.log"
 [ $rc -eq 0 ] || status=1
 
+# ---- 4. sparse24 benchmark --------------------------------------------------------------------
+note "sparse24_linear GPU benchmark"
+(cd /tmp && timeout 120 "$PY" "$ROOT/bench/gpu/bench_sparse24_linear_gpu.py" ${bench_args[@]+"${bench_args[@]}"} \
+  --budget-s 90 --out "$ROOT/bench/results/sparse24_linear_gpu.json") 2>&1 | tee "$LOGS/bench_sparse24.log"
+rc24=${PIPESTATUS[0]}
+keep "$LOGS/bench_sparse24.log"
+[ $rc24 -eq 0 ] || status=1
+
 echo
 note "summary"
 for line in "${summary[@]}"; do echo "  $line"; done
 [ $rc -eq 0 ] || echo "  bench: FAILED (rc=$rc)"
+[ $rc24 -eq 0 ] || echo "  bench sparse24: FAILED (rc=$rc24)"
 echo
-# The table of ratios again, so that it is the last thing this script prints.
-if grep -q '^int8_linear on ' "$LOGS/bench.log"; then
-  sed -n '/^int8_linear on /,$p' "$LOGS/bench.log"
-else
-  tail -n 30 "$LOGS/bench.log"
-fi
+# The tables of ratios again, so that they are the last thing this script prints.
+for log in "$LOGS/bench.log:int8_linear" "$LOGS/bench_sparse24.log:sparse24_linear"; do
+  file=${log%%:*}
+  name=${log##*:}
+  if grep -q "^$name on " "$file"; then
+    sed -n "/^$name on /,\$p" "$file"
+  else
+    tail -n 30 "$file"
+  fi
+  echo
+done
 exit $status

@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .ops import _FLOATS, check_int8_linear_args, check_int8_linear_packed_args, check_sparse24_linear_args
+from .ops import (
+    _FLOATS,
+    check_int8_linear_args,
+    check_int8_linear_packed_args,
+    check_sparse24_linear_args,
+)
 
 # w_scale tensors already seen to be finite, with the (version, data_ptr) they had then. Checking
 # finiteness reads the tensor back to the host, a device sync; weights do not change between
