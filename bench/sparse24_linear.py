@@ -1,0 +1,139 @@
+"""CPU benchmark: torchslim.nn.Sparse24Linear (2:4) against the dense layer a user would keep.
+
+Side by side in one process, on the same pruned weight and inputs, interleaved round-robin:
+
+  ours bf16   Sparse24Linear.from_linear(lin_bf16)(x_bf16)   values + metadata, never expanded in memory
+  bf16        F.linear(x_bf16, W_bf16, b)                    dense bf16 (oneDNN; AMX where the CPU has it)
+  ours fp32   Sparse24Linear.from_linear(lin)(x)
+  fp32        F.linear(x, W, b)                              dense fp32
+
+Every method rotates independent weight copies totalling >= --rotate-factor x L3 (each call the next
+copy), so small-M cases measure weights streamed from memory, not the cache. Speedup = t(dense) /
+t(ours). At M = 1 the time is the weight's bytes: 2:4 reads K/2 values + K/8 metadata bytes per row
+against K values, so the speedup's ceiling is 2 / 1.125 = 1.78x (bf16) and 4 / 2.125 = 1.88x (fp32);
+"% limit" is the fraction of it reached.
+
+    python bench/sparse24_linear.py            # full run (~4 min on 2 idle cores)
+    python bench/sparse24_linear.py --quick    # 2 shapes, M in {1, 16, 128}
+    python bench/sparse24_linear.py --isa avx512_vnni   # the AVX-512 kernels instead of AMX
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchslim
+from torchslim.compress import prune_24
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, cpu_flags, cpu_model, l3_bytes,  # noqa: E402
+                         loadavg, md_table, n_copies_for, rel_err)
+
+QUICK_SHAPES = [(384, 1536), (4096, 4096)]
+QUICK_MS = [1, 16, 128]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def clone_buffers(m: nn.Module) -> nn.Module:
+    c = torchslim.Sparse24Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.values.dtype)
+    c.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    return c
+
+
+def copies_for(N: int, K: int, dtype: torch.dtype, args, l3: int) -> tuple[dict, nn.Linear]:
+    """name -> (copies, call(copy, x)) for ours and dense, and the (pruned) dense layer."""
+    g = torch.Generator().manual_seed(1000 + N + 7 * K)
+    lin = nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(prune_24(torch.randn(N, K, generator=g) / math.sqrt(K)))
+        lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
+    lin = lin.to(dtype).requires_grad_(False)
+    ours0 = torchslim.Sparse24Linear.from_linear(lin)
+    ours_bytes = sum(t.numel() * t.element_size() for t in (ours0.values, ours0.meta, ours0.bias))
+    dense_bytes = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias))
+    w, b = lin.weight.detach(), lin.bias.detach()
+    return {
+        "ours": ([ours0] + [clone_buffers(ours0) for _ in range(n_copies_for(ours_bytes, args, l3) - 1)],
+                 lambda m, x: m(x)),
+        "dense": ([(w.clone(), b.clone()) for _ in range(n_copies_for(dense_bytes, args, l3))],
+                  lambda c, x: F.linear(x, c[0], c[1])),
+    }, lin
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--shapes", type=str, default=None, help="comma list of NxK (out x in)")
+    p.add_argument("--ms", type=str, default=None, help="comma list of token counts M")
+    p.add_argument("--dtypes", type=str, default="bf16,fp32")
+    p.add_argument("--isa", type=str, default=None, help="torchslim CPU ISA for ours (default: the best)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--target-ms", type=float, default=None)
+    p.add_argument("--max-iters", type=int, default=2000)
+    p.add_argument("--rotate-factor", type=float, default=3.0)
+    p.add_argument("--max-method-mb", type=float, default=1200.0)
+    p.add_argument("--max-copies", type=int, default=4096)
+    p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         "results", "sparse24_linear_cpu.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.isa:
+        torchslim.set_cpu_isa(args.isa)
+    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
+              else (QUICK_SHAPES if args.quick else FULL_SHAPES))
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else (QUICK_MS if args.quick else FULL_MS)
+    repeats = args.repeats or (5 if args.quick else 7)
+    target_s = (args.target_ms or (30.0 if args.quick else 50.0)) / 1e3
+    l3, l3_src = l3_bytes()
+    machine = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "torchslim_cpu_isa": torchslim.cpu_isa(), "l3_bytes": l3,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "loadavg_before": loadavg()}
+    print(f"CPU: {machine['cpu_model']}  flags: {' '.join(machine['cpu_flags'])}")
+    print(f"torch {torch.__version__}, threads {machine['threads']}, torchslim cpu_isa={torchslim.cpu_isa()}; "
+          f"L3 {l3 >> 20} MiB ({l3_src}), weights rotated over >= {args.rotate_factor:g} x L3 "
+          f"(cap {args.max_method_mb:g} MiB per method)")
+    print("Speedup = t(dense) / t(Sparse24Linear), same dtype, same pruned weight.\n", flush=True)
+    rows, table = [], []
+    for N, K in shapes:
+        for name in [d for d in args.dtypes.split(",") if d]:
+            dtype = DTYPES[name]
+            specs, lin = copies_for(N, K, dtype, args, l3)
+            limit = (dtype.itemsize * K) / (dtype.itemsize * K / 2 + K / 8)
+            for M in ms:
+                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+                methods = [Method(name, cps, (lambda c, _call=call, _x=x: _call(c, _x)), 0, 0, "")
+                           for name, (cps, call) in specs.items()]
+                err = rel_err(specs["ours"][0][0](x), F.linear(x.float(), lin.weight.float(), lin.bias.float()))
+                res = bench_case(methods, repeats, target_s, args.max_iters)
+                t_ours, t_dense = res["ours"]["median_s"], res["dense"]["median_s"]
+                speedup = t_dense / t_ours
+                gflops = 2 * M * N * K / t_ours / 1e9  # dense-equivalent work
+                row = {"N": N, "K": K, "M": M, "dtype": name, "ours": res["ours"], "dense": res["dense"],
+                       "speedup": speedup, "byte_limit": limit, "rel_err_vs_fp32": err, "gflops_dense_equiv": gflops}
+                rows.append(row)
+                table.append([f"{N}x{K}", name, str(M), f"{t_ours * 1e6:.0f}", f"{t_dense * 1e6:.0f}",
+                              f"{speedup:.2f}x", f"{100 * speedup / limit:.0f}%" if M == 1 else "", f"{err:.1e}"])
+                print(md_table(["N x K", "dtype", "M", "ours us", "dense us", "speedup", "% limit", "rel err"],
+                               table[-1:]).splitlines()[-1], flush=True)
+            del specs
+    print("\n" + md_table(["N x K", "dtype", "M", "ours us", "dense us", "speedup", "% limit (M=1)", "rel err"], table))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"machine": machine, "args": vars(args), "rows": rows}, fh, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
