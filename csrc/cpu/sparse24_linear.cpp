@@ -156,19 +156,23 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     });
     const cpu::S24Args args{nullptr, 0, Dtype::BF16, values.data_ptr(), dt, meta.data_ptr<int16_t>(), K_pad,
                             bias_ptr, out.data_ptr(), N, dt, M};
+    at::Tensor acc;  // partial sums between k-chunks
+    if (cpu::s24_amx_needs_acc(M, K_pad)) acc = at::empty({(N + 15) / 16 * mtiles * 256}, x.options().dtype(at::kFloat));
+    float* acc_ptr = acc.defined() ? acc.data_ptr<float>() : nullptr;
     std::atomic<bool> ok{true};
     at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b, int64_t e) {
-      if (!cpu::s24_linear_rows_amx(args, xv_ptr, b * 16, std::min(N, e * 16))) ok = false;
+      if (!cpu::s24_linear_rows_amx(args, xv_ptr, acc_ptr, b * 16, std::min(N, e * 16))) ok = false;
     });
     if (!ok) raise_bad_meta(meta, op);
     return out;
   }
 
   // Many rows of bfloat16 (without AMX) or float32: compute dominates, the dense GEMM on expanded
-  // blocks. The crossovers, measured on 4096 x 4096 (Sapphire Rapids, 2 threads): float32 from 40
-  // rows; bfloat16 from 5 rows where vdpbf16ps runs at ~1 per 2 cycles (there, with AMX, the AMX kernel
-  // takes these rows instead).
-  const int64_t dense_min_rows = dt == Dtype::BF16 ? 5 : 40;
+  // blocks. Crossover measured for float32 on 4096 x 4096 (Sapphire Rapids, 2 threads): at M = 40
+  // the register kernel is 0.93x dense and the blocks 0.63x; they meet near 64 (both ~0.8x).
+  // bfloat16 without AMX (Zen4) takes the same one, unmeasured: there the register kernel's
+  // vdpbf16ps and oneDNN's run on the same units.
+  const int64_t dense_min_rows = 64;
   if (M >= dense_min_rows && dt != Dtype::F16) {
     if (!dense_blocks(x, values, meta, bias_x, out, avx512)) raise_bad_meta(meta, op);
     return out;

@@ -55,8 +55,16 @@ bool s24_expand_rows_avx512(const S24Expand& e, int64_t n0, int64_t n1);
 // B tiles, 16 rows x 32 columns each in the VNNI pair order: tile (mt, ks) at xv + (mt * steps + ks)
 // * 512, steps = round_up(K_pad, 32) / 32, rows beyond M zero. Prepares m-tiles [mt0, mt1).
 void s24_prepare_x_amx(const uint16_t* x, int64_t ldx, int64_t M, int64_t K_pad, uint16_t* xv, int64_t mt0, int64_t mt1);
-// As s24_linear_rows_avx512, reading x from the tiles of s24_prepare_x_amx (a.x is unused).
-bool s24_linear_rows_amx(const S24Args& a, const uint16_t* xv, int64_t n0, int64_t n1);
+// As s24_linear_rows_avx512, reading x from the tiles of s24_prepare_x_amx (a.x is unused). With
+// more than s24_amx_group_tiles activation tiles (96 rows) the kernel works in k-chunks of
+// s24_amx_chunk_columns; where there are several, acc holds the float32 partial sums between them:
+// (N / 16 rounded up) x (M / 16 rounded up) tiles of 256 floats. Otherwise acc may be null.
+bool s24_linear_rows_amx(const S24Args& a, const uint16_t* xv, float* acc, int64_t n0, int64_t n1);
+constexpr int64_t s24_amx_chunk_columns = 1024;
+constexpr int s24_amx_group_tiles = 6;
+inline bool s24_amx_needs_acc(int64_t M, int64_t K_pad) {
+  return (M + 15) / 16 > s24_amx_group_tiles && K_pad > s24_amx_chunk_columns;
+}
 
 // Whether this CPU runs the AVX-512 2:4 kernels (AVX-512 F/BW/VL/DQ + BF16 + VBMI2: Zen4,
 // Sapphire Rapids and newer); they are used when also the active ISA is avx512_vnni or amx.
