@@ -63,7 +63,18 @@ def check_cpu() -> None:
             eps = torch.finfo(dtype).eps
             err = (out.double() - ref).abs().max().item()
             assert err <= 4 * eps * (ref.abs().max().item() + 1), f"cpu int8_linear {dtype} {M}x{K}x{N}: err {err}"
-    print("CPU ops: quantize_per_token bit-exact, int8_linear matches the reference")
+    from torchslim.compress import prune_24
+    from torchslim.formats import sparse24
+    for dtype in DTYPES:
+        for M, N, K in [(1, 5, 7), (6, 17, 40), (70, 33, 100)]:
+            values, meta = sparse24.pack(prune_24(torch.randn(N, K)).to(dtype))
+            x, bias = torch.randn(M, K).to(dtype), torch.randn(N)
+            out = torchslim.ops.sparse24_linear(x, values, meta, bias)
+            ref = reference.sparse24_linear(x, values, meta, bias)
+            err = (out.double() - ref).abs().max().item()
+            assert err <= 4 * torch.finfo(dtype).eps * (ref.abs().max().item() + 1) * max(1, K // 16), \
+                f"cpu sparse24_linear {dtype} {M}x{K}x{N}: err {err}"
+    print("CPU ops: quantize_per_token bit-exact, int8_linear and sparse24_linear match the reference")
 
 
 def check_cuda() -> None:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/kernels/int8_gemm.h"
+#include "cpu/kernels/sparse24.h"
 
 namespace py = pybind11;
 using namespace torchslim::cpu;
@@ -42,6 +43,11 @@ PYBIND11_MODULE(_C, m) {
   }, "The CPU instruction sets this machine can run, slowest first.");
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
         "The CPU instruction set the int8 kernels use now.");
+  m.def("sparse24_cpu_kernels", [] {
+    const bool avx512 = s24_avx512_supported() && active_isa() >= Isa::Avx512Vnni;
+    const bool amx = avx512 && active_isa() == Isa::Amx && s24_amx_supported();
+    return std::string(amx ? "amx-bf16 + avx512" : avx512 ? "avx512" : "scalar");
+  }, "The 2:4 CPU kernels the active instruction set selects: amx-bf16 + avx512, avx512 or scalar.");
   m.def("set_cpu_isa", [](const std::string& name) {
     switch (set_active_isa(name.c_str())) {
       case SetIsa::Ok: return;

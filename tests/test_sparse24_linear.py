@@ -56,6 +56,12 @@ def test_every_strategy_on_a_model_shape(sparse24_isa, M, dtype):
     check_against_reference(*make_case(M, 96, 1024 + 16, dtype, torch.float32, M))
 
 
+@pytest.mark.parametrize("M,K", [(97, 1040), (200, 2100), (113, 3000)])
+def test_amx_k_chunks_with_partial_sums(sparse24_isa, M, K):
+    # Beyond 96 rows the AMX kernel works in 1024-column chunks (partial sums in between).
+    check_against_reference(*make_case(M, 37, K, torch.bfloat16, torch.bfloat16, K))
+
+
 @pytest.mark.parametrize("M,N,K", [(0, 5, 16), (3, 0, 16), (3, 5, 0), (0, 0, 0)])
 def test_empty_dimensions(sparse24_isa, M, N, K):
     x, values, meta, bias = make_case(M, N, K, torch.float32, torch.float32, 0)
@@ -84,7 +90,7 @@ def test_nonfinite_activations_propagate_like_a_dense_product(sparse24_isa):
 @pytest.mark.parametrize("nibble", [0x0, 0x5, 0x6, 0xB, 0xF, 0x1])
 def test_invalid_metadata_is_refused_on_every_path(sparse24_isa, M, nibble):
     x, values, meta, _ = make_case(M, 10, 40, torch.bfloat16, None, 3)
-    row, group = 7, 9  # word 2, nibble 1
+    row = 7  # group 9: word 2, nibble 1
     word = ((int(meta[row, 2]) & 0xFFFF) & ~(0xF << 4)) | (nibble << 4)
     meta[row, 2] = word - (1 << 16) if word >= 1 << 15 else word
     msg = (rf"sparse24_linear: meta row 7, group 9 \(columns 36..39\) holds positions \({nibble & 3}, {nibble >> 2}\); "

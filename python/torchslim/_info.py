@@ -26,6 +26,8 @@ def info() -> dict:
                                     "cuda": "CUDA C++" if _C.cuda else "not built"},
             "int8_linear": {"cpu": f"C++ ({_C.cpu_isa()})",
                             "cuda": "Triton" if triton else "needs triton"},
+            "sparse24_linear": {"cpu": f"C++ ({_C.sparse24_cpu_kernels()})",
+                                "cuda": "Triton" if triton else "needs triton"},
         },
     }
 
