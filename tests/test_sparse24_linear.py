@@ -56,9 +56,9 @@ def test_every_strategy_on_a_model_shape(sparse24_isa, M, dtype):
     check_against_reference(*make_case(M, 96, 1024 + 16, dtype, torch.float32, M))
 
 
-@pytest.mark.parametrize("M,K", [(97, 1040), (200, 2100), (113, 3000)])
+@pytest.mark.parametrize("M,K", [(97, 1040), (200, 2100), (113, 3000), (1100, 600)])
 def test_amx_k_chunks_with_partial_sums(sparse24_isa, M, K):
-    # Beyond 96 rows the AMX kernel works in 1024-column chunks (partial sums in between).
+    # Beyond 96 rows the AMX kernel works in k-chunks of 256..1024 columns (partial sums in between).
     check_against_reference(*make_case(M, 37, K, torch.bfloat16, torch.bfloat16, K))
 
 

@@ -168,6 +168,24 @@ def time_interleaved(models: dict, batch: dict, repeats: int, warmup: int = 1) -
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _sparse24_variants(fp32: nn.Module, batch: dict) -> dict:
+    """bf16 copies of the model with every Linear the batch reaches pruned to 2:4, by magnitude and
+    by Wanda (input norms over the batch), with their patch reports."""
+    from . import Sparse24Config, patch_model
+    from .compress import InputNorms
+
+    with InputNorms(fp32) as norms:
+        encode(fp32, batch)
+    importance = norms.result(require_all=False)  # the pooler, unused by the embeddings, sees nothing
+    variants = {}
+    for method in ("magnitude", "wanda"):
+        model = copy.deepcopy(fp32).to(torch.bfloat16)
+        config = Sparse24Config(method=method, importance=importance if method == "wanda" else {},
+                                filter_fn=lambda m, fqn: fqn in importance)
+        variants[f"2:4 {method}"] = (model, patch_model(model, config))
+    return variants
+
+
 # ---- save / reload --------------------------------------------------------------------------
 def _reload_checks(patched: nn.Module, path: str, batch: dict, expected: torch.Tensor) -> dict:
     """Saves patched's state_dict (torch.save, and safetensors when importable), loads each file
@@ -307,6 +325,21 @@ def main(argv: list[str] | None = None) -> int:
         ratios = ", ".join(f"{t[name] / ours:.2f}x vs {name}" for name in t if name != "torchslim int8")
         print(f"  {shape}: {cells}")
         print(f"    torchslim int8 speed-up: {ratios}")
+
+    # 3b. 2:4 sparsity, the bf16 model (no fine-tuning after pruning: quality is what one-shot
+    # pruning keeps; Wanda's importance comes from these sentences, as calibration data)
+    sparse = _sparse24_variants(fp32, batch)
+    print("\n[3b] 2:4 sparsity on the bf16 model (one-shot pruning, no fine-tuning), against bf16:")
+    for name, (model, rep) in sparse.items():
+        qq = compare(ref, encode(model, batch))
+        print(f"  {name}: {len(rep.layers)} layers, Linear weights {_mib(report.bytes_before // 2)} MiB bf16 -> "
+              f"{_mib(rep.bytes_after)} MiB; mean cosine {qq['mean_cos']:.5f}, min {qq['min_cos']:.5f}, "
+              f"nearest neighbour unchanged {qq['nn_agree'] * 100:.1f}%")
+    wanda = sparse["2:4 wanda"][0]
+    for shape, inputs in shapes.items():
+        t = time_interleaved({"bf16": bf16, "2:4 wanda": wanda}, inputs, repeats)
+        print(f"  {shape}: bf16 {_ms(t['bf16'])} ms, 2:4 {_ms(t['2:4 wanda'])} ms "
+              f"({t['bf16'] / t['2:4 wanda']:.2f}x)")
 
     # 4. save / reload
     print("\n[4] save / reload: state_dict -> file -> fresh randomly initialised model, patched, "

@@ -57,13 +57,18 @@ bool s24_expand_rows_avx512(const S24Expand& e, int64_t n0, int64_t n1);
 void s24_prepare_x_amx(const uint16_t* x, int64_t ldx, int64_t M, int64_t K_pad, uint16_t* xv, int64_t mt0, int64_t mt1);
 // As s24_linear_rows_avx512, reading x from the tiles of s24_prepare_x_amx (a.x is unused). With
 // more than s24_amx_group_tiles activation tiles (96 rows) the kernel works in k-chunks of
-// s24_amx_chunk_columns; where there are several, acc holds the float32 partial sums between them:
-// (N / 16 rounded up) x (M / 16 rounded up) tiles of 256 floats. Otherwise acc may be null.
+// s24_amx_chunk_steps(M) steps of 32 columns; where there are several, acc holds the float32 partial
+// sums between them: (N / 16 rounded up) x (M / 16 rounded up) tiles of 256 floats. Else acc may be null.
 bool s24_linear_rows_amx(const S24Args& a, const uint16_t* xv, float* acc, int64_t n0, int64_t n1);
-constexpr int64_t s24_amx_chunk_columns = 1024;
 constexpr int s24_amx_group_tiles = 6;
+// A chunk's B tiles (every activation row x the chunk's columns) are sized to stay in L2 (1 MiB),
+// between 256 and 512 columns (the expanded A tiles of two weight blocks, 32 KiB at most, in L1).
+inline int64_t s24_amx_chunk_steps(int64_t M) {
+  const int64_t steps = (int64_t(1) << 20) / (((M + 15) / 16) * 16 * 2 * 32);
+  return steps < 8 ? 8 : steps > 16 ? 16 : steps;
+}
 inline bool s24_amx_needs_acc(int64_t M, int64_t K_pad) {
-  return (M + 15) / 16 > s24_amx_group_tiles && K_pad > s24_amx_chunk_columns;
+  return (M + 15) / 16 > s24_amx_group_tiles && (K_pad + 31) / 32 > s24_amx_chunk_steps(M);
 }
 
 // Whether this CPU runs the AVX-512 2:4 kernels (AVX-512 F/BW/VL/DQ + BF16 + VBMI2: Zen4,
