@@ -57,7 +57,7 @@ def copies_for(N: int, K: int, dtype: torch.dtype, args, l3: int) -> tuple[dict,
         lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
     lin = lin.to(dtype).requires_grad_(False)
     ours0 = torchslim.Sparse24Linear.from_linear(lin)
-    ours_bytes = sum(t.numel() * t.element_size() for t in (ours0.values, ours0.meta, ours0.bias))
+    ours_bytes = sum(t.numel() * t.element_size() for t in (ours0.values, ours0.metadata, ours0.bias))
     dense_bytes = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias))
     w, b = lin.weight.detach(), lin.bias.detach()
     return {

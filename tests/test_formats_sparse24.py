@@ -80,6 +80,24 @@ def test_input_norms_are_the_l2_norms_of_each_feature():
     assert not model[0]._forward_pre_hooks
 
 
+def test_input_norms_see_keyword_inputs_and_can_skip_unreached_layers():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.a(input=x)
+
+    net = Net()
+    x = torch.randn(5, 3)
+    with InputNorms(net) as norms:
+        net(x)
+    got = norms.result(require_all=False)
+    assert set(got) == {"a"}
+    torch.testing.assert_close(got["a"], x.norm(dim=0))
+
+
 def test_input_norms_say_which_layer_saw_no_batch():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with InputNorms(model) as norms:
@@ -140,3 +158,9 @@ def test_prune_refuses_bad_inputs():
         prune_24(torch.randn(2, 8), -torch.ones(8))
     with pytest.raises(ValueError, match="2-D floating point"):
         prune_24(torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="importance must be a tensor of shape \\(8,\\), got list"):
+        prune_24(torch.randn(2, 8), [1.0] * 8)
+    with pytest.raises(ValueError, match="2-D"):
+        f.is_24(torch.ones(8))
+    with pytest.raises(ValueError, match="meta device"):
+        f.pack(torch.zeros(2, 8, device="meta"))

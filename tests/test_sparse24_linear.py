@@ -79,11 +79,28 @@ def test_columns_beyond_k_never_reach_the_output(sparse24_isa):
     torch.testing.assert_close(out, (x.double() @ w.double().T).float())
 
 
-def test_nonfinite_activations_propagate_like_a_dense_product(sparse24_isa):
-    x, values, meta, _ = make_case(2, 4, 32, torch.float32, None, 2, sparse_groups=False)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_nonfinite_activations_propagate_like_a_dense_product(sparse24_isa, dtype, M):
+    x, values, meta, _ = make_case(M, 4, 32, dtype, None, 2, sparse_groups=False)
     x[0, :] = float("nan")
     out = ops.sparse24_linear(x, values, meta)
-    assert bool(out[0].isnan().all()) and bool(out[1].isfinite().all())
+    assert bool(out[0].isnan().all()) and bool(out[1:].isfinite().all())
+    # Inf at a pruned column meets a zero weight: NaN, as in F.linear (every row of W has zeros there)
+    w = torch.tensor([[1.0, 0.0, 0.0, 2.0] * 4]).to(dtype)
+    v, m = f.pack(w)
+    xi = torch.ones(M, 16, dtype=dtype)
+    xi[0, 1] = float("inf")
+    out = ops.sparse24_linear(xi, v, m)
+    assert bool(out[0].isnan().all()) and bool((out[1:] == 12).all())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_padding_values_never_reach_the_output(sparse24_isa, dtype, M):
+    v, m = f.pack(torch.tensor([[1.0, 1.0, 0.0, 0.0]]).to(dtype))  # K = 4: groups 1..3 are padding
+    v[0, 2:] = float("nan")
+    assert torch.equal(ops.sparse24_linear(torch.ones(M, 4, dtype=dtype), v, m), torch.full((M, 1), 2.0, dtype=dtype))
 
 
 @pytest.mark.parametrize("M", [1, 8, 70])

@@ -55,7 +55,7 @@ def test_gradient_reaches_x_and_the_layers_below_not_the_weight():
 def test_state_dict_round_trip_and_safetensors_style_tensors():
     mod = Sparse24Linear.from_linear(linear())
     sd = mod.state_dict()
-    assert set(sd) == {"values", "meta", "bias"} and sd["meta"].dtype == torch.int16
+    assert set(sd) == {"values", "metadata", "bias"} and sd["metadata"].dtype == torch.int16
     buf = io.BytesIO()
     torch.save(sd, buf)
     fresh = Sparse24Linear(40, 24)
@@ -86,9 +86,9 @@ def corruptions():
         meta[3, 1] = 0x4404  # row 3, group 5: positions (0, 0)
         return meta
 
-    yield "duplicated positions", spoil("meta", bad_nibble), r"meta row 3, group 5 .* holds positions \(0, 0\)"
-    yield "meta dtype", spoil("meta", lambda m: m.int()), "meta must be int16"
-    yield "meta shape", spoil("meta", lambda m: m[:, :2]), "meta must have shape"
+    yield "duplicated positions", spoil("metadata", bad_nibble), r"metadata row 3, group 5 .* holds positions \(0, 0\)"
+    yield "meta dtype", spoil("metadata", lambda m: m.int()), "metadata must be int16"
+    yield "meta shape", spoil("metadata", lambda m: m[:, :2]), "metadata must have shape"
     yield "values shape", spoil("values", lambda v: v[:, :-1]), "values must have shape"
     yield "values rows", spoil("values", lambda v: v[:-1]), "values must have shape"
     yield "values NaN", spoil("values", lambda v: v.index_fill(1, torch.tensor([3]), float("nan"))), "NaN or Inf"
@@ -96,7 +96,7 @@ def corruptions():
     yield "bias shape", spoil("bias", lambda b: b[:-1]), "bias must be a float tensor of shape"
     yield "bias Inf", spoil("bias", lambda b: b.fill_(float("inf"))), "NaN or Inf"
     sd = dict(good)
-    del sd["meta"]
+    del sd["metadata"]
     yield "values without meta", sd, "must hold both or neither"
 
 
@@ -114,7 +114,7 @@ def test_corrupted_checkpoints_are_refused_and_change_nothing(name, sd, message)
 def test_dtype_conversions_follow_the_model(dtype):
     mod = Sparse24Linear.from_linear(linear())
     converted = copy.deepcopy(mod).to(dtype)
-    assert converted.values.dtype == dtype and converted.bias.dtype == dtype and converted.meta.dtype == torch.int16
+    assert converted.values.dtype == dtype and converted.bias.dtype == dtype and converted.metadata.dtype == torch.int16
     x = torch.randn(3, 40)
     torch.testing.assert_close(converted(x.to(dtype)).float(), mod(x), rtol=3e-2, atol=3e-2)
     with pytest.raises(RuntimeError, match="x is torch.float32 but the layer is"):
@@ -128,7 +128,7 @@ def test_conversions_that_would_break_the_format_are_refused():
     assert mod.values.dtype == torch.float32
     with pytest.raises(TypeError, match="int16 metadata"):
         mod._apply(lambda t: t.to(torch.int32))
-    assert mod.meta.dtype == torch.int16
+    assert mod.metadata.dtype == torch.int16
 
 
 def test_forward_names_a_wrong_width():
@@ -165,6 +165,11 @@ def test_patch_model_wanda_with_calibration_and_unpatch():
 
 
 def test_config_refuses_what_it_would_ignore():
+    with pytest.raises(TypeError, match="importance must be a dict"):
+        Sparse24Config(method="wanda", importance=[torch.ones(16)])
+    with pytest.raises(ValueError, match="importance must be a float tensor of shape \\(40,\\)"):
+        with torch.device("meta"):
+            Sparse24Linear.from_linear(nn.Linear(40, 8), importance=torch.ones(39))
     with pytest.raises(ValueError, match="'magnitude' or 'wanda'"):
         Sparse24Config(method="random")
     with pytest.raises(ValueError, match="ignored"):
@@ -184,3 +189,49 @@ def test_shortcut_and_shared_layers():
     patch_model(model, "2:4")
     assert isinstance(model[0], Sparse24Linear) and model[0] is model[2]
     assert torchslim.Sparse24Linear is Sparse24Linear
+
+
+def test_checkpoint_values_that_overflow_the_layers_dtype_are_refused():
+    src = Sparse24Linear.from_linear(linear(K=16, N=2)).bfloat16()
+    with torch.no_grad():
+        src.values.mul_(1e10)
+    dst = Sparse24Linear(16, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="NaN or Inf once cast to the layer's torch.float16"):
+        dst.load_state_dict(src.state_dict())
+    assert bool(dst.values.isfinite().all())
+
+
+def test_assign_refuses_another_dtype_and_makes_tensors_contiguous():
+    mod = Sparse24Linear.from_linear(linear())
+    sd = mod.state_dict()
+    bad = dict(sd, values=sd["values"].bfloat16())
+    with pytest.raises(RuntimeError, match="assign=True takes the checkpoint's tensor as it is"):
+        Sparse24Linear(40, 24).load_state_dict(bad, assign=True)
+    strided = {k: v.T.contiguous().T if v.dim() == 2 else v for k, v in sd.items()}
+    assert not strided["values"].is_contiguous()
+    fresh = Sparse24Linear(40, 24)
+    fresh.load_state_dict(strided, assign=True)
+    x = torch.randn(3, 40)
+    assert torch.equal(fresh(x), mod(x))
+
+
+def test_weight_is_the_dense_pruned_weight_for_code_written_for_linear():
+    mod = Sparse24Linear.from_linear(linear(dtype=torch.bfloat16))
+    assert mod.weight.dtype == torch.bfloat16 and torch.equal(mod.weight, mod.to_linear().weight)
+    # PyTorch's fused encoder path reads every Linear's weight in eval mode
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    patch_model(enc, "2:4")
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = enc(x)
+    unpatch_model(enc)
+    with torch.no_grad():
+        torch.testing.assert_close(out, enc(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_of_the_layer_itself():
+    mod = Sparse24Linear.from_linear(linear(K=17, N=5))
+    x = torch.randn(3, 17)
+    exported = torch.export.export(mod, (x,))
+    torch.testing.assert_close(exported.module()(x), mod(x))

@@ -98,7 +98,7 @@ bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   // bfloat16 weight (measured at M = 128: blocks of 128 rows 2.2x dense's time, of 1024 rows 1.14x).
   const int64_t rows = std::min(N, std::max<int64_t>(64, round_up((8 << 20) / (K_pad * x.element_size()), 16)));
   at::Tensor buf = at::empty({rows, K_pad}, x.options());
-  const cpu::S24Expand base{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K_pad,
+  const cpu::S24Expand base{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K, K_pad,
                             nullptr, K_pad};
   std::atomic<bool> ok{true};
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
@@ -127,7 +127,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     // Nothing to multiply: the metadata is still checked, as every call checks it.
     if (N > 0 && K_pad > 0) {
       at::Tensor scratch = at::empty({1, K_pad}, x.options());
-      const cpu::S24Expand e{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K_pad,
+      const cpu::S24Expand e{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K, K_pad,
                              scratch.data_ptr(), 0};
       if (!expand_rows(e, 0, N, false)) raise_bad_meta(meta, op);
     }
@@ -154,7 +154,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     at::parallel_for(0, mtiles, 1, [&](int64_t b, int64_t e) {
       cpu::s24_prepare_x_amx(reinterpret_cast<const uint16_t*>(xk.data_ptr()), xk.size(1), M, K_pad, xv_ptr, b, e);
     });
-    const cpu::S24Args args{nullptr, 0, Dtype::BF16, values.data_ptr(), dt, meta.data_ptr<int16_t>(), K_pad,
+    const cpu::S24Args args{nullptr, 0, Dtype::BF16, values.data_ptr(), dt, meta.data_ptr<int16_t>(), K, K_pad,
                             bias_ptr, out.data_ptr(), N, dt, M};
     at::Tensor acc;  // partial sums between k-chunks
     if (cpu::s24_amx_needs_acc(M, K_pad)) acc = at::empty({(N + 15) / 16 * mtiles * 256}, x.options().dtype(at::kFloat));
@@ -173,7 +173,11 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   // bfloat16 without AMX (Zen4) takes the same one, unmeasured: there the register kernel's
   // vdpbf16ps and oneDNN's run on the same units.
   const int64_t dense_min_rows = 64;
-  if (M >= dense_min_rows && dt != Dtype::F16) {
+  // The scalar kernel multiplies only the kept weights; a dense product also meets every Inf / NaN of
+  // x with the zeros (0 * Inf = NaN). Rows of x holding one take the expanded dense product, as the
+  // vector kernels (which multiply the expanded zeros) do: every path gives F.linear's non-finites.
+  const bool nonfinite_x = !avx512 && !at::isfinite(x).all().item<bool>();
+  if ((M >= dense_min_rows && dt != Dtype::F16) || nonfinite_x) {
     if (!dense_blocks(x, values, meta, bias_x, out, avx512)) raise_bad_meta(meta, op);
     return out;
   }
@@ -183,7 +187,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   const at::ScalarType xt = avx512 && dt == Dtype::BF16 ? at::kBFloat16 : at::kFloat;
   const at::Tensor xk = padded_x(x, round_up(K_pad, cpu::kS24XPad), xt);
   const cpu::S24Args args{xk.data_ptr(), xk.size(1), float_dtype(xt), values.data_ptr(), dt,
-                          meta.data_ptr<int16_t>(), K_pad, bias_ptr, out.data_ptr(), N, dt, M};
+                          meta.data_ptr<int16_t>(), K, K_pad, bias_ptr, out.data_ptr(), N, dt, M};
   auto* rows_fn = avx512 ? cpu::s24_linear_rows_avx512 : cpu::s24_linear_rows_scalar;
   // Tasks of whole 4-row blocks with at least ~32K kept values times rows of x each.
   const int64_t grain = round_up(std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(1, K_pad / 2 * M)), 4);

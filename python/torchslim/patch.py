@@ -64,6 +64,9 @@ class Sparse24Config:
     def __post_init__(self) -> None:
         if self.method not in ("magnitude", "wanda"):
             raise ValueError(f"Sparse24Config: method must be 'magnitude' or 'wanda', got {self.method!r}")
+        if not isinstance(self.importance, dict):
+            raise TypeError(f"Sparse24Config: importance must be a dict {{layer name: (in_features,) tensor}}, "
+                            f"got {type(self.importance).__name__}")
         if self.method == "magnitude" and self.importance:
             raise ValueError("Sparse24Config: importance is Wanda's input; with method='magnitude' it would be ignored")
         if self.filter_fn is not None and not callable(self.filter_fn):

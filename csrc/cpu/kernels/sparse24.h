@@ -30,7 +30,7 @@ struct S24Args {
   Dtype x_dtype;                // bfloat16 (only with bfloat16 values, AVX-512) or float32
   const void* values; Dtype w_dtype;
   const int16_t* meta;
-  int64_t K_pad;
+  int64_t K, K_pad;             // columns K .. K_pad - 1 (padding) never reach an output
   const float* bias;            // (N,) already rounded to out_dtype, or nullptr
   void* out; int64_t ldo; Dtype out_dtype;
   int64_t M;
@@ -40,12 +40,12 @@ struct S24Args {
 bool s24_linear_rows_scalar(const S24Args& a, int64_t n0, int64_t n1);
 bool s24_linear_rows_avx512(const S24Args& a, int64_t n0, int64_t n1);
 
-// The dense rows [n0, n1) (K_pad columns each, in w_dtype) of (values, meta) into dst, row r at
+// The dense rows [n0, n1) (K_pad columns each, in w_dtype, zero from K on) of (values, meta) into dst, row r at
 // dst + (r - n0) * ld elements. Returns false when some meta nibble of those rows is invalid.
 struct S24Expand {
   const void* values; Dtype w_dtype;
   const int16_t* meta;
-  int64_t K_pad;
+  int64_t K, K_pad;  // columns K .. K_pad - 1 are written as zeros
   void* dst; int64_t ld;
 };
 bool s24_expand_rows_scalar(const S24Expand& e, int64_t n0, int64_t n1);

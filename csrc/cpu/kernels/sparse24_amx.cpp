@@ -133,7 +133,8 @@ bool prepare_block(const S24Args& a, WeightBlock& w, int64_t nb, int rows, int64
     w.v[r] = static_cast<const uint16_t*>(a.values) + (nb + r) * row_values;
     const uint8_t* meta = reinterpret_cast<const uint8_t*>(a.meta + (nb + r) * words);
     for (int64_t c0 = ks0 * 32; c0 < std::min(a.K_pad, ks1 * 32); c0 += kSlab)
-      ok &= s24_lane_masks(meta + c0 / 8, std::min<int64_t>(64, (a.K_pad - c0) / 8), w.masks[r] + (c0 / 8 - ks0 * 4));
+      ok &= s24_lane_masks(meta + c0 / 8, std::min<int64_t>(64, (a.K_pad - c0) / 8), a.K - c0,
+                            w.masks[r] + (c0 / 8 - ks0 * 4));
   }
   return ok;
 }

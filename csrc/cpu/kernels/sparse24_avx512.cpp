@@ -43,7 +43,7 @@ bool block(const S24Args& a, int64_t n, int64_t m) {
   for (int64_t c0 = 0; c0 < a.K_pad; c0 += kSlab) {
     const int64_t cols = std::min(kSlab, a.K_pad - c0);
     for (int r = 0; r < NB; ++r) {
-      ok &= s24_lane_masks(mrow[r] + c0 / 8, cols / 8, mk[r]);
+      ok &= s24_lane_masks(mrow[r] + c0 / 8, cols / 8, a.K - c0, mk[r]);
       // The next slab's values (256 of them), into L2 ahead of use: with NB rows streamed at once the
       // hardware prefetcher alone left M = 1 at ~15 GB/s, against ~20 for dense's single stream.
       const char* next = vrow[r] + (c0 + kSlab) / 2 * esize;
@@ -178,7 +178,7 @@ bool s24_linear_rows_avx512(const S24Args& a, int64_t n0, int64_t n1) {
   // L1/L2, and run every activation block over it (expanding per block would repeat the work).
   const int64_t wsize = a.w_dtype == Dtype::F32 ? 4 : 2, ld = (a.K_pad + 31) / 32 * 32;
   std::vector<char> buf(kNB * ld * wsize, 0);  // columns K_pad .. ld stay zero
-  const S24Expand e{a.values, a.w_dtype, a.meta, a.K_pad, buf.data(), ld};
+  const S24Expand e{a.values, a.w_dtype, a.meta, a.K, a.K_pad, buf.data(), ld};
   for (; n + kNB <= n1; n += kNB) {
     ok &= s24_expand_rows_avx512(e, n, n + kNB);
     dense_rows<kNB>(a, buf.data(), ld, n);
@@ -198,7 +198,7 @@ bool s24_expand_rows_avx512(const S24Expand& e, int64_t n0, int64_t n1) {
     const uint8_t* meta = reinterpret_cast<const uint8_t*>(e.meta + n * words);
     for (int64_t c0 = 0; c0 < e.K_pad; c0 += kSlab) {
       const int64_t cols = std::min(kSlab, e.K_pad - c0);
-      ok &= s24_lane_masks(meta + c0 / 8, cols / 8, mk);
+      ok &= s24_lane_masks(meta + c0 / 8, cols / 8, e.K - c0, mk);
       if (e.w_dtype == Dtype::F32) {
         const float* v = static_cast<const float*>(e.values) + n * row_values + c0 / 2;
         float* d = static_cast<float*>(e.dst) + (n - n0) * e.ld + c0;

@@ -15,8 +15,10 @@ namespace {
 constexpr int64_t kSlab = 512;
 
 // The lane masks of up to 64 meta bytes (2 groups each) into mk[0..nbytes): byte b of mk holds
-// the masks of groups 2b (bits 0-3) and 2b + 1 (bits 4-7). Returns false on an invalid nibble.
-inline bool s24_lane_masks(const uint8_t* meta, int64_t nbytes, uint8_t* mk) {
+// the masks of groups 2b (bits 0-3) and 2b + 1 (bits 4-7), bit i of byte b being column 8b + i.
+// Columns from live_cols on (the padding beyond K) get no lane: whatever the values hold there
+// never meets x. Returns false on an invalid nibble.
+inline bool s24_lane_masks(const uint8_t* meta, int64_t nbytes, int64_t live_cols, uint8_t* mk) {
   static const __m512i lut = [] {
     alignas(64) uint8_t t[64];
     for (int i = 0; i < 64; ++i) t[i] = s24_nibble_entry(i & 15);
@@ -29,6 +31,10 @@ inline bool s24_lane_masks(const uint8_t* meta, int64_t nbytes, uint8_t* mk) {
   const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), nib_mask));
   const __m512i m = _mm512_or_si512(_mm512_and_si512(lo, nib_mask), _mm512_slli_epi16(_mm512_and_si512(hi, nib_mask), 4));
   _mm512_storeu_si512(mk, m);
+  for (int64_t b = live_cols / 8; b < nbytes; ++b) {  // the row's last slab only
+    const int64_t keep = live_cols - 8 * b;  // < 8
+    mk[b] &= keep <= 0 ? 0 : uint8_t((1u << keep) - 1);
+  }
   return _mm512_mask_test_epi8_mask(live, _mm512_or_si512(lo, hi), _mm512_set1_epi8(0x10)) == 0;
 }
 

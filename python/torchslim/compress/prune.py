@@ -23,14 +23,7 @@ def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
         raise ValueError("prune_24: w holds NaN or Inf")
     score = w.abs().double()
     if importance is not None:
-        importance = importance.detach()
-        if importance.shape != (w.shape[1],) or not importance.is_floating_point():
-            raise ValueError(f"prune_24: importance must be a float tensor of shape ({w.shape[1]},), "
-                             f"got {importance.dtype} of shape {tuple(importance.shape)}")
-        importance = importance.to(w.device).double()
-        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
-            raise ValueError("prune_24: importance must be finite and non-negative (an L2 norm per input feature)")
-        score = score * importance[None, :]
+        score = score * check_importance(importance, w.shape[1], "prune_24").to(w.device)[None, :]
     N, K = w.shape
     if w.numel() == 0:
         return w.clone()
@@ -40,6 +33,20 @@ def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
     order = groups.argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :2], True)
     return torch.where(keep.reshape(N, k_pad)[:, :K], w, torch.zeros_like(w))
+
+
+def check_importance(importance, K: int, caller: str) -> Tensor:
+    """importance as a float64 tensor of shape (K,), or a ValueError saying what is wrong with it.
+    Values are checked (finite, non-negative) unless it is on the meta device."""
+    if not isinstance(importance, Tensor):
+        raise ValueError(f"{caller}: importance must be a tensor of shape ({K},), got {type(importance).__name__}")
+    if importance.shape != (K,) or not importance.is_floating_point():
+        raise ValueError(f"{caller}: importance must be a float tensor of shape ({K},), "
+                         f"got {importance.dtype} of shape {tuple(importance.shape)}")
+    importance = importance.detach().double()
+    if not importance.is_meta and (not bool(torch.isfinite(importance).all()) or bool((importance < 0).any())):
+        raise ValueError(f"{caller}: importance must be finite and non-negative (an L2 norm per input feature)")
+    return importance
 
 
 class InputNorms:
@@ -55,14 +62,15 @@ class InputNorms:
         self._handles = []
 
     def _hook(self, fqn: str):
-        def hook(module, args):
-            x = args[0].detach()
+        def hook(module, args, kwargs):
+            x = (args[0] if args else kwargs["input"]).detach()  # nn.Linear.forward(input)
             sq = x.reshape(-1, x.shape[-1]).double().square().sum(0)
             self._sums[fqn] = self._sums[fqn] + sq if fqn in self._sums else sq
         return hook
 
     def __enter__(self) -> "InputNorms":
-        self._handles = [m.register_forward_pre_hook(self._hook(fqn)) for fqn, m in self._layers.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(fqn), with_kwargs=True)
+                         for fqn, m in self._layers.items()]
         return self
 
     def __exit__(self, *exc) -> None:

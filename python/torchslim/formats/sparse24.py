@@ -56,6 +56,8 @@ def _groups(w: Tensor) -> Tensor:
 
 def is_24(w: Tensor) -> bool:
     """Whether every group of four along K of w (N, K) holds at most two non-zeros."""
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        raise ValueError(f"sparse24.is_24: w must be a 2-D tensor (N, K), got {getattr(w, 'shape', type(w).__name__)}")
     return bool(((_groups(w) != 0).sum(-1) <= KEPT).all())
 
 
@@ -71,6 +73,8 @@ def pack(w: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"sparse24.pack: w must be 2-D (N, K), got shape {tuple(w.shape)}")
     if w.dtype not in VALUE_DTYPES:
         raise ValueError(f"sparse24.pack: w must be float32, bfloat16 or float16, got {w.dtype}")
+    if w.is_meta:
+        raise ValueError("sparse24.pack: w is on the meta device and has no values to compress")
     N, K = w.shape
     g = _groups(w.detach())
     nonzero = g != 0

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..compress.prune import prune_24
+from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
 
@@ -13,8 +13,10 @@ class Sparse24Linear(nn.Module):
     """y = x @ W.T + bias with W 2:4 sparse, stored compressed and never expanded in memory.
 
     Buffers (ordinary tensors: state_dict / safetensors / deepcopy / torch.compile work, and the
-    same form on every device): ``values`` (N, K_pad / 2) in the layer's float dtype, ``meta``
-    (N, K_pad / 16) int16 (formats/sparse24.py), ``bias`` (N,) or None. The weight is frozen:
+    same form on every device): ``values`` (N, K_pad / 2) in the layer's float dtype, ``metadata``
+    (N, K_pad / 16) int16 (the op's ``meta``, formats/sparse24.py), ``bias`` (N,) or None. (Not
+    ``meta``: torch.export's GraphModule has an attribute of that name.) ``weight`` is the dense
+    pruned weight, made on each access, for code that reads a Linear's weight (its dtype, device). The weight is frozen:
     gradients flow to x (and the layers below) and to nothing here. ``load_state_dict`` checks the
     incoming tensors (dtypes, shapes, every metadata group, finite values) before writing any.
     """
@@ -34,7 +36,7 @@ class Sparse24Linear(nn.Module):
         # An all-zero weight with valid metadata (positions 0 and 1 in every group).
         meta = torch.full(ms, 0x4444, dtype=torch.int16, device=device)
         self.register_buffer("values", values)
-        self.register_buffer("meta", meta)
+        self.register_buffer("metadata", meta)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -49,12 +51,14 @@ class Sparse24Linear(nn.Module):
         if w.dtype not in _FLOATS:
             raise TypeError(f"Sparse24Linear.from_linear: the layer is {w.dtype}; Sparse24Linear computes in "
                             "float32, bfloat16 or float16: convert the model first")
+        if importance is not None:
+            check_importance(importance, linear.in_features, "Sparse24Linear.from_linear")
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
         if w.is_meta:
             return mod
         values, meta = sparse24_format.pack(prune_24(w, importance))
         mod.values.copy_(values)
-        mod.meta.copy_(meta)
+        mod.metadata.copy_(meta)
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
         return mod
@@ -71,7 +75,14 @@ class Sparse24Linear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The (out_features, in_features) pruned weight, expanded (a new tensor)."""
-        return sparse24_format.unpack(self.values, self.meta, self.in_features)
+        return sparse24_format.unpack(self.values, self.metadata, self.in_features)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense pruned weight (out_features, in_features), expanded anew on each access: what
+        code written for nn.Linear reads (T5 reads ``.weight.dtype``, PyTorch's fused
+        TransformerEncoderLayer path the whole tensor). The layer itself never expands it."""
+        return self.dense_weight()
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
@@ -85,14 +96,14 @@ class Sparse24Linear(nn.Module):
                                "the input must have the layer's dtype)")
         lead = x.shape[:-1]
         x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
-        y = _SPARSE24_LINEAR(x2.contiguous(), values, buffers["meta"], buffers["bias"])
+        y = _SPARSE24_LINEAR(x2.contiguous(), values, buffers["metadata"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
         # Device moves and float dtype casts (.half(), .to(torch.bfloat16)) apply to values and bias
         # alike; anything that would turn the metadata into another type, or the values into a
         # dtype the kernels lack, is refused before a buffer changes.
-        device = self.meta.device
+        device = self.metadata.device
         if fn(torch.empty(0, dtype=torch.int16, device=device)).dtype != torch.int16:
             raise TypeError("Sparse24Linear: this conversion would change the int16 metadata; use to_linear() first")
         probe = fn(torch.empty(0, dtype=self.values.dtype, device=device))
@@ -111,47 +122,56 @@ class Sparse24Linear(nn.Module):
                               unexpected_keys, error_msgs):
         # Check the incoming compressed weight as a whole before nn.Module's loader writes anything:
         # a corrupt checkpoint (bad metadata, wrong shapes or dtypes, non-finite values) is refused.
-        incoming = {name: state_dict[prefix + name] for name in ("values", "meta", "bias") if prefix + name in state_dict}
-        problems = _checkpoint_problems(incoming, self)
+        incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        problems = _checkpoint_problems(incoming, self, assign)
         if problems:
             error_msgs.extend(f"{prefix}{p}" for p in problems)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if assign:  # the checkpoint's tensors themselves: the kernels need them contiguous
+            for name in incoming:
+                if self._buffers.get(name) is not None:
+                    self._buffers[name] = self._buffers[name].contiguous()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, weight=2:4 {self.values.dtype}")
 
 
+_BUFFERS = ("values", "metadata", "bias")
 _FLOATS = ops._FLOATS
 _SPARSE24_LINEAR = torch.ops.torchslim.sparse24_linear.default
 
 
-def _checkpoint_problems(incoming: dict, module: Sparse24Linear) -> list[str]:
-    problems = []
-    for name, t in incoming.items():
-        if not isinstance(t, Tensor):
-            problems.append(f"{name}: expected a tensor, got {type(t).__name__}")
+def _checkpoint_problems(incoming: dict, module: Sparse24Linear, assign: bool) -> list[str]:
+    problems = [f"{name}: expected a tensor, got {type(t).__name__}" for name, t in incoming.items()
+                if not isinstance(t, Tensor)]
     if problems:
         return problems
     N, K = module.out_features, module.in_features
-    values, meta = incoming.get("values"), incoming.get("meta")
+    values, meta = incoming.get("values"), incoming.get("metadata")
     if (values is None) != (meta is None):
-        return ["values and meta are one weight: a checkpoint must hold both or neither"]
+        return ["values and metadata are one weight: a checkpoint must hold both or neither"]
     if values is not None:
         if values.dim() == 2 and values.shape[0] != N:
             problems.append(f"values must have shape {list(sparse24_format.shapes(N, K)[0])}, got {list(values.shape)}")
         else:
-            problems += sparse24_format.check(values, meta, K)
-        if not problems and not values.is_meta and not bool(torch.isfinite(values).all()):
-            problems.append("values hold NaN or Inf")
+            problems += [p.replace("meta ", "metadata ", 1) for p in sparse24_format.check(values, meta, K)]
     bias = incoming.get("bias")
-    if bias is not None:
-        if module.bias is None:
-            pass  # nn.Module's loader reports it as an unexpected key
-        elif bias.shape != (N,) or not bias.is_floating_point():
-            problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
-        elif not bias.is_meta and not bool(torch.isfinite(bias).all()):
-            problems.append("bias holds NaN or Inf")
+    if bias is not None and module.bias is not None and (bias.shape != (N,) or not bias.is_floating_point()):
+        problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+    if problems:
+        return problems
+    for name in ("values", "bias"):
+        t, target = incoming.get(name), module._buffers.get(name)
+        if t is None or target is None:
+            continue
+        if assign and t.dtype != target.dtype:
+            problems.append(f"{name}: assign=True takes the checkpoint's tensor as it is, but its dtype {t.dtype} "
+                            f"is not the layer's {target.dtype} (convert the module first, or load without assign)")
+        elif not t.is_meta and not bool(torch.isfinite(t.to(target.dtype)).all()):
+            problems.append(f"{name} hold NaN or Inf" + (f" once cast to the layer's {target.dtype}"
+                                                           if t.dtype != target.dtype else ""))
     return problems
