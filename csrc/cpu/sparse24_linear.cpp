@@ -108,7 +108,9 @@ bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   // ~8 MiB of dense weight per block, at least 64 rows: each GEMM call has a fixed cost (oneDNN
   // reorders its weight operand per call), which blocks of 1 MiB paid 32 times per 4096 x 4096
   // bfloat16 weight (measured at M = 128: blocks of 128 rows 2.2x dense's time, of 1024 rows 1.14x).
-  const int64_t rows = std::min(N, std::max<int64_t>(64, round_up((8 << 20) / (K_pad * x.element_size()), 16)));
+  // And never the whole weight: a layer smaller than a block is done in two halves.
+  const int64_t rows = std::min(round_up((N + 1) / 2, 16),
+                                std::max<int64_t>(64, round_up((8 << 20) / (K_pad * x.element_size()), 16)));
   at::Tensor buf = at::empty({rows, K_pad}, x.options());
   const cpu::S24Expand base{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K, K_pad,
                             nullptr, K_pad};
@@ -171,11 +173,15 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     at::Tensor acc;  // partial sums between k-chunks
     if (cpu::s24_amx_needs_acc(M, K_pad)) acc = at::empty({(N + 15) / 16 * mtiles * 256}, x.options().dtype(at::kFloat));
     float* acc_ptr = acc.defined() ? acc.data_ptr<float>() : nullptr;
-    // Tasks of 64 weight rows (with more than one activation group, the kernel pairs 16-row blocks).
-    constexpr int64_t kTaskRows = 64;
+    // Tasks of 64 weight rows; with more than one activation group, ~4 per thread: each task streams
+    // all of x's tiles (from L3 beyond 96 rows), so more tasks would re-read them (64-row tasks made
+    // M = 512 on 4096 x 4096 0.6x dense instead of ~1x).
+    const int64_t task_rows = mtiles <= cpu::s24_amx_group_tiles
+                                  ? 64 : std::max<int64_t>(64, round_up((N + 4 * at::get_num_threads() - 1) /
+                                                                        (4 * at::get_num_threads()), 32));
     std::atomic<bool> ok{true};
-    parallel_tasks((N + kTaskRows - 1) / kTaskRows, [&](int64_t t) {
-      if (!cpu::s24_linear_rows_amx(args, xv_ptr, acc_ptr, t * kTaskRows, std::min(N, (t + 1) * kTaskRows))) ok = false;
+    parallel_tasks((N + task_rows - 1) / task_rows, [&](int64_t t) {
+      if (!cpu::s24_linear_rows_amx(args, xv_ptr, acc_ptr, t * task_rows, std::min(N, (t + 1) * task_rows))) ok = false;
     });
     if (!ok) raise_bad_meta(meta, op);
     return out;
