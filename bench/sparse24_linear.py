@@ -16,6 +16,7 @@ against K values, so the speedup's ceiling is 2 / 1.125 = 1.78x (bf16) and 4 / 2
     python bench/sparse24_linear.py            # full run (~4 min on 2 idle cores)
     python bench/sparse24_linear.py --quick    # 2 shapes, M in {1, 16, 128}
     python bench/sparse24_linear.py --isa avx512_vnni   # the AVX-512 kernels instead of AMX
+    python bench/sparse24_linear.py --report bench/results/sparse24_linear_cpu*.json   # README table
 """
 from __future__ import annotations
 
@@ -68,7 +69,53 @@ def copies_for(N: int, K: int, dtype: torch.dtype, args, l3: int) -> tuple[dict,
     }, lin
 
 
+LAYERS = {(384, 1536): "MiniLM FFN in", (1536, 384): "MiniLM FFN out", (768, 3072): "BERT-base FFN out",
+          (4096, 4096): "Llama-7B attention", (11008, 4096): "Llama-7B MLP up"}
+
+
+def report(paths: list[str]) -> int:
+    """The README's table from the JSON of one or more runs: per layer and M, the speed-up at bf16
+    and at fp32 (the median over the runs, and their range when there are several)."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    rows: dict = {}
+    for data in runs:
+        for r in data["rows"]:
+            rows.setdefault((r["N"], r["K"], r["M"], r["dtype"]), []).append(r)
+    m = runs[0]["machine"]
+    print(f"<!-- {m['cpu_model']}, {m['threads']} threads, torch {m['torch']}; runs: "
+          + ", ".join(d["machine"]["date"] for d in runs) + " -->")
+    print("| layer (N x K) | M | vs bf16 dense (bf16 x) | vs fp32 dense (fp32 x) |")
+    print("|---|---:|---:|---:|")
+    order = list(LAYERS)
+    previous = None
+    for (N, K, M) in sorted({k[:3] for k in rows}, key=lambda k: (order.index(k[:2]) if k[:2] in LAYERS else 99, k[2])):
+        label = f"{LAYERS.get((N, K), '')} {N}x{K}".strip() if (N, K) != previous else ""
+        previous = (N, K)
+        cells = []
+        for dt in ("bf16", "fp32"):
+            rs = rows.get((N, K, M, dt))
+            if not rs:
+                cells.append("-")
+                continue
+            ups = sorted(r["speedup"] for r in rs)
+            med = ups[len(ups) // 2] if len(ups) % 2 else (ups[len(ups) // 2 - 1] + ups[len(ups) // 2]) / 2
+            cell = f"{med:.2f}x" + (f" ({ups[0]:.2f}-{ups[-1]:.2f})" if len(ups) > 1 else "")
+            if M == 1:
+                cell += f", {100 * med / rs[0]['byte_limit']:.0f}% of {rs[0]['byte_limit']:.2f}x"
+            cells.append(cell)
+        print(f"| {label} | {M} | {cells[0]} | {cells[1]} |")
+    return 0
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--report"]:
+        return report(argv[1:] or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                "sparse24_linear_cpu.json")])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
