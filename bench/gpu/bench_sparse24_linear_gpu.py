@@ -33,6 +33,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_int8_linear_gpu import back_to_back_us, gpu_times_ms, max_rel_err, sync, wall_times_ms  # noqa: E402
+
 # (N, K): a 4096 square (Llama-7B's attention projections), Llama-7B's MLP up/gate and down
 # projections, then MiniLM / BERT-base layers. Large shapes first: a --budget-s cut drops the small ones.
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (384, 1536), (1536, 384), (768, 3072)]
@@ -73,41 +76,6 @@ def semi_structured(w: torch.Tensor, cutlass: bool):
         return to_sparse_semi_structured(w)
     finally:
         SparseSemiStructuredTensor._FORCE_CUTLASS = before
-
-
-def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def back_to_back_us(fn, dev: torch.device, calls: int = 100) -> float:
-    fn()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
-def gpu_times_ms(fn, rep_ms: int) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms, L2 cleared before each call."""
-    import triton.testing
-
-    med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return med, p20, p80
-
-
-def wall_times_ms(fn, rep_ms: int) -> tuple[float, float, float]:
-    """For --cpu-dry-run only: one wall-clock sample, no statistics."""
-    t0 = time.perf_counter()
-    fn()
-    t = (time.perf_counter() - t0) * 1e3
-    return t, t, t
 
 
 def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu_times_ms) -> dict:

@@ -5,29 +5,12 @@
 // caller so tile loads never leave it.
 #include <immintrin.h>
 
+#include "amx_tiles.h"
 #include "avx512_io.h"
 #include "int8_gemm.h"
 
 namespace torchslim::cpu {
 namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void configure_tiles() {
-  TileConfig cfg = {};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {  // every tile: 16 rows of 64 bytes
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 constexpr int64_t kRows = 32;   // two 16-row activation tiles
 constexpr int64_t kChunkK = 512;  // 32 rows x 512 k of activations (16 KB) stay in L1 across pairs

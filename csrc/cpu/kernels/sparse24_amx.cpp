@@ -10,30 +10,13 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "avx512_io.h"
 #include "sparse24.h"
 #include "sparse24_simd.h"
 
 namespace torchslim::cpu {
 namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void configure_tiles() {
-  TileConfig cfg = {};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {  // every tile: 16 rows of 64 bytes
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 constexpr int kGroup = s24_amx_group_tiles;  // C tiles 2..7: activation rows per pass over a weight tile
 
