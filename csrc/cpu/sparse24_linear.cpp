@@ -1,11 +1,11 @@
 // CPU implementation of torchslim::sparse24_linear: argument checks, activation buffers and threads
-// (ATen); the arithmetic in cpu/kernels/sparse24_*.cpp. Two strategies, by the number of rows:
-//  - few rows (decode): the kernels read the compressed weight and expand it in registers, so the
-//    bytes read per weight drop from 2 to 1.125 (bfloat16) -- the win where the weight's bytes are
-//    the time;
-//  - many rows (prefill, where compute dominates): blocks of weight rows are expanded into a dense
-//    buffer that stays in cache and multiplied by ATen's dense GEMM (oneDNN: AMX or AVX-512 BF16 as
-//    the CPU has them), so the sparse layer runs at the dense GEMM's speed plus the expansion.
+// (ATen); the arithmetic in cpu/kernels/sparse24_*.cpp. Three strategies:
+//  - bfloat16 with AMX, from 2 rows: the AMX kernel expands 16 x 32 weight tiles from the compressed
+//    form into tile multiplies (the weight is read compressed: 1.125 bytes per weight instead of 2);
+//  - otherwise, below 64 rows (and float16 at any M): the AVX-512 (or portable) kernels expand the
+//    compressed weight in registers, or a few rows at a time into L1;
+//  - float32 and non-AMX bfloat16 from 64 rows, where compute dominates: blocks of weight rows
+//    are expanded into a dense buffer and multiplied by ATen's GEMM (oneDNN).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -194,8 +194,8 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   // vdpbf16ps and oneDNN's run on the same units.
   const int64_t dense_min_rows = 64;
   // The scalar kernel multiplies only the kept weights; a dense product also meets every Inf / NaN of
-  // x with the zeros (0 * Inf = NaN). Rows of x holding one take the expanded dense product, as the
-  // vector kernels (which multiply the expanded zeros) do: every path gives F.linear's non-finites.
+  // x with the zeros (0 * Inf = NaN). A call whose x holds one takes the expanded dense product, as
+  // the vector kernels (which multiply the expanded zeros) do: every path gives F.linear's non-finites.
   const bool nonfinite_x = !avx512 && !at::isfinite(x).all().item<bool>();
   if ((M >= dense_min_rows && dt != Dtype::F16) || nonfinite_x) {
     if (!dense_blocks(x, values, meta, bias_x, out, avx512)) raise_bad_meta(meta, op);
