@@ -16,9 +16,11 @@ class Sparse24Linear(nn.Module):
     same form on every device): ``values`` (N, K_pad / 2) in the layer's float dtype, ``metadata``
     (N, K_pad / 16) int16 (the op's ``meta``, formats/sparse24.py), ``bias`` (N,) or None. (Not
     ``meta``: torch.export's GraphModule has an attribute of that name.) ``weight`` is the dense
-    pruned weight, made on each access, for code that reads a Linear's weight (its dtype, device). The weight is frozen:
-    gradients flow to x (and the layers below) and to nothing here. ``load_state_dict`` checks the
-    incoming tensors (dtypes, shapes, every metadata group, finite values) before writing any.
+    pruned weight, made on each access, for code that reads a Linear's weight (its dtype, device).
+
+    The weight is frozen: gradients flow to x (and the layers below) and to nothing here.
+    ``load_state_dict`` checks the incoming tensors (dtypes, shapes, every metadata group, finite
+    values in the layer's dtype) before writing any.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
