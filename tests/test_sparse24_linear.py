@@ -95,6 +95,15 @@ def test_nonfinite_activations_propagate_like_a_dense_product(sparse24_isa, dtyp
     assert bool(out[0].isnan().all()) and bool((out[1:] == 12).all())
 
 
+@pytest.mark.parametrize("M", [1, 70])
+def test_a_nonfinite_row_stays_in_its_row(sparse24_isa, M):
+    # bf16 at odd K through the dense GEMM path once let one row's Inf reach the other rows
+    x, values, meta, _ = make_case(M, 16, 33, torch.bfloat16, None, 3, sparse_groups=False)
+    x[1:, 0] = float("inf")
+    out = ops.sparse24_linear(x, values, meta)
+    assert bool(out[0].isfinite().all())
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 5, 70])
 def test_padding_values_never_reach_the_output(sparse24_isa, dtype, M):

@@ -235,3 +235,33 @@ def test_torch_export_of_the_layer_itself():
     x = torch.randn(3, 17)
     exported = torch.export.export(mod, (x,))
     torch.testing.assert_close(exported.module()(x), mod(x))
+
+
+def test_code_that_reads_weight_traces_under_export_and_compile():
+    class ReadsWeight(nn.Module):  # the T5 pattern: x.to(self.wo.weight.dtype)
+        def __init__(self):
+            super().__init__()
+            self.wo = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.wo(x.to(self.wo.weight.dtype))
+
+    model = ReadsWeight()
+    patch_model(model, "2:4")
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x))
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+def test_old_meta_key_and_nonfinite_bias_get_clear_errors():
+    sd = Sparse24Linear.from_linear(linear()).state_dict()
+    old = {("meta" if k == "metadata" else k): v for k, v in sd.items()}
+    with pytest.raises(RuntimeError, match="stored under 'metadata'"):
+        Sparse24Linear(40, 24).load_state_dict(old)
+    lin = linear()
+    with torch.no_grad():
+        lin.bias[3] = float("nan")
+    with pytest.raises(ValueError, match="bias holds NaN or Inf"):
+        Sparse24Linear.from_linear(lin)
+    with pytest.raises(TypeError, match="importance values must be tensors"):
+        Sparse24Config(method="wanda", importance={"0": [1.0] * 16})

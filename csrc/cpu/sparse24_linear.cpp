@@ -112,6 +112,9 @@ bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   const int64_t rows = std::min(round_up((N + 1) / 2, 16),
                                 std::max<int64_t>(64, round_up((8 << 20) / (K_pad * x.element_size()), 16)));
   at::Tensor buf = at::empty({rows, K_pad}, x.options());
+  // x with zero columns up to K_pad: the GEMM then sees a multiple of 16 columns (oneDNN's bf16 GEMM
+  // on this machine let an Inf of one row reach other rows' outputs at odd K).
+  const at::Tensor xp = padded_x(x, K_pad, x.scalar_type());
   const cpu::S24Expand base{values.data_ptr(), float_dtype(x.scalar_type()), meta.data_ptr<int16_t>(), K, K_pad,
                             nullptr, K_pad};
   std::atomic<bool> ok{true};
@@ -122,8 +125,8 @@ bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tenso
       ex.dst = static_cast<char*>(buf.data_ptr()) + (b - n0) * K_pad * x.element_size();
       if (!expand_rows(ex, b, e, avx512)) ok = false;
     });
-    const at::Tensor w = buf.narrow(0, 0, nb).narrow(1, 0, K);
-    out.narrow(1, n0, nb).copy_(bias_x.defined() ? at::addmm(bias_x.narrow(0, n0, nb), x, w.t()) : at::mm(x, w.t()));
+    const at::Tensor w = buf.narrow(0, 0, nb);  // K_pad columns, zero from K on
+    out.narrow(1, n0, nb).copy_(bias_x.defined() ? at::addmm(bias_x.narrow(0, n0, nb), xp, w.t()) : at::mm(xp, w.t()));
   }
   return ok;
 }

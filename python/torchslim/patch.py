@@ -67,6 +67,10 @@ class Sparse24Config:
         if not isinstance(self.importance, dict):
             raise TypeError(f"Sparse24Config: importance must be a dict {{layer name: (in_features,) tensor}}, "
                             f"got {type(self.importance).__name__}")
+        not_tensors = sorted(name for name, v in self.importance.items() if not isinstance(v, torch.Tensor))
+        if not_tensors:
+            raise TypeError(f"Sparse24Config: importance values must be tensors (in_features,); not for "
+                            f"{', '.join(not_tensors)}")
         if self.method == "magnitude" and self.importance:
             raise ValueError("Sparse24Config: importance is Wanda's input; with method='magnitude' it would be ignored")
         if self.filter_fn is not None and not callable(self.filter_fn):
@@ -84,8 +88,8 @@ class Sparse24Config:
         if not given:
             raise ValueError(f"Sparse24Config(method='wanda') has no importance for {names[0]}; collect the input "
                              "norms with torchslim.compress.InputNorms over calibration batches")
-        first = torch.as_tensor(self.importance[given[0]])
-        if any(not torch.equal(torch.as_tensor(self.importance[n]), first) for n in given[1:]):
+        first = self.importance[given[0]]
+        if any(not torch.equal(self.importance[n], first) for n in given[1:]):
             raise ValueError(f"Sparse24Config.importance gives the shared layer {names[0]} several importances "
                              f"(under {', '.join(given)})")
         return Sparse24Linear.from_linear(linear, importance=first)

@@ -52,7 +52,8 @@ def check_importance(importance, K: int, caller: str) -> Tensor:
 class InputNorms:
     """Collects the L2 norm of every input feature of the given nn.Linear layers over the batches
     run while it is active: ``with InputNorms(model) as norms: model(batch) ...``, then
-    ``norms.result()`` maps each layer's name to its (in_features,) float32 norms (Wanda's importance).
+    ``norms.result()`` maps each layer's name to its (in_features,) float64 norms (Wanda's importance;
+    float64, as the sums are kept, so large activations do not overflow).
     filter_fn(module, fqn) chooses the layers (default: every nn.Linear)."""
 
     def __init__(self, model: nn.Module, filter_fn=None) -> None:
@@ -64,6 +65,8 @@ class InputNorms:
     def _hook(self, fqn: str):
         def hook(module, args, kwargs):
             x = (args[0] if args else kwargs["input"]).detach()  # nn.Linear.forward(input)
+            if x.dim() == 0 or x.shape[-1] != module.in_features:
+                return  # the layer's forward refuses this input; it is no calibration data
             sq = x.reshape(-1, x.shape[-1]).double().square().sum(0)
             self._sums[fqn] = self._sums[fqn] + sq if fqn in self._sums else sq
         return hook
@@ -79,10 +82,10 @@ class InputNorms:
         self._handles = []
 
     def result(self, require_all: bool = True) -> dict[str, Tensor]:
-        """fqn -> (in_features,) float32 norms. A layer no batch reached is an error, or (with
+        """fqn -> (in_features,) float64 norms. A layer no batch reached is an error, or (with
         require_all=False) left out."""
         missing = sorted(set(self._layers) - set(self._sums))
         if missing and require_all:
             raise RuntimeError(f"InputNorms: no batch reached {', '.join(missing)}; run the model inside the with block")
-        return {fqn: s.sqrt().float() for fqn, s in self._sums.items()}
+        return {fqn: s.sqrt() for fqn, s in self._sums.items()}
 

@@ -113,11 +113,15 @@ def positions(meta: Tensor) -> Tensor:
     return (base + within).reshape(meta.shape[0], nib.shape[1] * KEPT)
 
 
-def unpack(values: Tensor, meta: Tensor, K: int) -> Tensor:
-    """The dense (N, K) weight of a compressed pair (values' dtype). The pair is validated first."""
-    problems = check(values, meta, K)
-    if problems:
-        raise ValueError("sparse24.unpack: " + "; ".join(problems))
+def unpack(values: Tensor, meta: Tensor, K: int, validate: bool = True) -> Tensor:
+    """The dense (N, K) weight of a compressed pair (values' dtype). The pair is validated first,
+    unless validate=False (for pairs checked before: no data-dependent branch, so torch.compile and
+    torch.export can trace it; an invalid nibble then yields some in-group positions, never an
+    out-of-range index)."""
+    if validate:
+        problems = check(values, meta, K)
+        if problems:
+            raise ValueError("sparse24.unpack: " + "; ".join(problems))
     N = values.shape[0]
     dense = values.new_zeros(N, padded_k(K))
     dense.scatter_(1, positions(meta), values)

@@ -62,6 +62,8 @@ class Sparse24Linear(nn.Module):
         mod.values.copy_(values)
         mod.metadata.copy_(meta)
         if linear.bias is not None:
+            if not bool(torch.isfinite(linear.bias).all()):
+                raise ValueError("Sparse24Linear.from_linear: the layer's bias holds NaN or Inf")
             mod.bias.copy_(linear.bias.detach())
         return mod
 
@@ -76,15 +78,17 @@ class Sparse24Linear(nn.Module):
         return lin
 
     def dense_weight(self) -> Tensor:
-        """The (out_features, in_features) pruned weight, expanded (a new tensor)."""
+        """The (out_features, in_features) pruned weight, expanded (a new tensor); the metadata is
+        checked first."""
         return sparse24_format.unpack(self.values, self.metadata, self.in_features)
 
     @property
     def weight(self) -> Tensor:
         """The dense pruned weight (out_features, in_features), expanded anew on each access: what
         code written for nn.Linear reads (T5 reads ``.weight.dtype``, PyTorch's fused
-        TransformerEncoderLayer path the whole tensor). The layer itself never expands it."""
-        return self.dense_weight()
+        TransformerEncoderLayer path the whole tensor). The layer itself never expands it. Traceable
+        (no check of the metadata here: it was checked when the layer was built or loaded)."""
+        return sparse24_format.unpack(self.values, self.metadata, self.in_features, validate=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
@@ -127,6 +131,8 @@ class Sparse24Linear(nn.Module):
         incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
         assign = local_metadata.get("assign_to_params_buffers", False)
         problems = _checkpoint_problems(incoming, self, assign)
+        if "metadata" not in incoming and prefix + "meta" in state_dict:
+            problems.append("the 2:4 metadata is stored under 'metadata' (this checkpoint has 'meta': rename the key)")
         if problems:
             error_msgs.extend(f"{prefix}{p}" for p in problems)
             return
