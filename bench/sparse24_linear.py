@@ -17,6 +17,12 @@ against K values, so the speedup's ceiling is 2 / 1.125 = 1.78x (bf16) and 4 / 2
     python bench/sparse24_linear.py --quick    # 2 shapes, M in {1, 16, 128}
     python bench/sparse24_linear.py --isa avx512_vnni   # the AVX-512 kernels instead of AMX
     python bench/sparse24_linear.py --report bench/results/sparse24_linear_cpu*.json   # README table
+    python bench/sparse24_linear.py --per-call --shapes 4096x4096,11008x4096   # M = 1, call by call
+
+--per-call alternates single calls of ours and dense (each on its next weight copy) and reports
+percentiles of the per-call times: on a machine whose memory bandwidth drifts (these shared ones),
+the loops of the default mode put whole loops of one method into a slow spell, call-by-call
+alternation exposes both to the same conditions.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -110,6 +117,33 @@ def report(paths: list[str]) -> int:
     return 0
 
 
+def per_call(shapes, dtypes, args, l3: int) -> list[dict]:
+    rows = []
+    for N, K in shapes:
+        for name in dtypes:
+            dtype = DTYPES[name]
+            specs, _ = copies_for(N, K, dtype, args, l3)
+            (ours, call_ours), (dense, call_dense) = specs["ours"], specs["dense"]
+            x = torch.randn(1, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+            times = {"ours": [], "dense": []}
+            for i in range(args.calls + 20):
+                for key, cps, call in (("dense", dense, call_dense), ("ours", ours, call_ours)):
+                    t0 = time.perf_counter()
+                    call(cps[i % len(cps)], x)
+                    if i >= 20:  # warm-up calls are not counted
+                        times[key].append(time.perf_counter() - t0)
+            pct = {k: {q: sorted(v)[int(q / 100 * (len(v) - 1))] for q in (10, 50, 90)} for k, v in times.items()}
+            limit = (dtype.itemsize * K) / (dtype.itemsize * K / 2 + K / 8)
+            ratio = pct["dense"][50] / pct["ours"][50]
+            rows.append({"N": N, "K": K, "dtype": name, "percentiles_s": pct, "speedup_p50": ratio, "byte_limit": limit})
+            print(f"{N}x{K} {name} M=1: ours p10/p50/p90 {pct['ours'][10] * 1e6:.0f}/{pct['ours'][50] * 1e6:.0f}/"
+                  f"{pct['ours'][90] * 1e6:.0f} us, dense {pct['dense'][10] * 1e6:.0f}/{pct['dense'][50] * 1e6:.0f}/"
+                  f"{pct['dense'][90] * 1e6:.0f} us: p50 speedup {ratio:.2f}x ({100 * ratio / limit:.0f}% of {limit:.2f}x)",
+                  flush=True)
+            del specs
+    return rows
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -129,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--rotate-factor", type=float, default=3.0)
     p.add_argument("--max-method-mb", type=float, default=1200.0)
     p.add_argument("--max-copies", type=int, default=4096)
+    p.add_argument("--per-call", action="store_true", help="M = 1 only, single calls alternated (see above)")
+    p.add_argument("--calls", type=int, default=300, help="--per-call: timed calls per method")
     p.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                          "results", "sparse24_linear_cpu.json"))
     args = p.parse_args(argv)
@@ -150,6 +186,13 @@ def main(argv=None) -> int:
           f"L3 {l3 >> 20} MiB ({l3_src}), weights rotated over >= {args.rotate_factor:g} x L3 "
           f"(cap {args.max_method_mb:g} MiB per method)")
     print("Speedup = t(dense) / t(Sparse24Linear), same dtype, same pruned weight.\n", flush=True)
+    if args.per_call:
+        rows = per_call(shapes, [d for d in args.dtypes.split(",") if d], args, l3)
+        out = args.out.replace(".json", "_per_call.json") if args.out.endswith("sparse24_linear_cpu.json") else args.out
+        with open(out, "w") as fh:
+            json.dump({"machine": machine, "args": vars(args), "per_call": rows}, fh, indent=1)
+        print(f"wrote {out}")
+        return 0
     rows, table = [], []
     for N, K in shapes:
         for name in [d for d in args.dtypes.split(",") if d]:
