@@ -118,3 +118,30 @@ def int8_linear_bad_inputs():
         args = [x, w_q, s, torch.ones(8)]
         args[arg] = args[arg].to("meta")
         yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"
+
+
+def sparse24_linear_bad_inputs():
+    """(name, args, message regex): bad arguments of sparse24_linear; every device's op rejects them alike."""
+    from torchslim.compress import prune_24
+    from torchslim.formats import sparse24 as f
+
+    x = torch.randn(4, 40)
+    values, meta = f.pack(prune_24(torch.randn(6, 40)))
+    yield "3-D x", (x[None], values, meta, None), "x must be 2-D"
+    yield "int x", (x.int(), values, meta, None), "x must be float32, bfloat16 or float16"
+    yield "strided x", (torch.randn(40, 4).T, values, meta, None), "x must be contiguous"
+    yield "values dtype", (x, values.bfloat16(), meta, None), "values must have x's dtype"
+    yield "values 1-D", (x, values.flatten(), meta, None), "values must be 2-D"
+    yield "values strided", (x, torch.randn(48, 6).T, meta, None), "values must be contiguous"
+    yield "meta dtype", (x, values, meta.int(), None), "meta must be int16"
+    yield "meta strided", (x, values, torch.zeros(3, 6, dtype=torch.int16).T, None), "meta must be contiguous"
+    yield "values width", (x, values[:, :20].contiguous(), meta, None), r"values must have shape \(6, 24\) for K=40"
+    yield "K of x", (torch.randn(4, 56), values, meta, None), r"values must have shape \(6, 32\) for K=56"
+    yield "meta rows", (x, values, meta[:5].contiguous(), None), r"meta must have shape \(6, 3\)"
+    yield "meta width", (x, values, meta[:, :2].contiguous(), None), r"meta must have shape \(6, 3\)"
+    yield "bias shape", (x, values, meta, torch.ones(7)), r"bias must have shape \(6,\)"
+    yield "int bias", (x, values, meta, torch.ones(6, dtype=torch.int64)), "bias must be floating point"
+    for i, name in ((1, "values"), (2, "meta"), (3, "bias")):
+        args = [x, values, meta, torch.ones(6)]
+        args[i] = args[i].to("meta")
+        yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"

@@ -19,10 +19,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from conftest import FLOAT_DTYPES, assert_close_to_reference, examples  # noqa: E402
+from conftest import FLOAT_DTYPES, assert_close_to_reference, examples, sparse24_linear_bad_inputs  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_sparse24_linear import bad_inputs as sparse24_linear_bad_inputs  # noqa: E402
 
 from torchslim import _cuda_registration, ops, reference  # noqa: E402
 from torchslim.compress import prune_24  # noqa: E402

@@ -16,16 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._configs import tile_config
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Largest K for which sum_k q_a * q_b cannot leave int32 (|q| <= 127).
 MAX_K = (2**31 - 1) // (127 * 127)
 # Rows at or below this count are decode-style GEMVs: they get their own tiles (see _CONFIGS).
 SMALL_M = 16
-
-
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_stages=stages, num_warps=warps)
 
 
 # Few configs on purpose: every one is benchmarked for each new (M bucket, N, K).
@@ -34,16 +31,16 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
 # the autotuner scores it as infinitely slow, so listing it is harmless there.
 _CONFIGS = [
     # Hopper (wgmma wants BLOCK_M >= 64 and 4-warp groups; 228 KiB smem allows deep 128-wide K).
-    _config(128, 256, 128, 3, 8),
-    _config(128, 128, 128, 4, 8),
+    tile_config(128, 256, 128, 3, 8),
+    tile_config(128, 128, 128, 4, 8),
     # Ampere (A100: 164 KiB smem, mma.sync m16n8k32) and the fallback that fits everywhere.
-    _config(128, 128, 64, 4, 4),
+    tile_config(128, 128, 64, 4, 4),
     # Mid-size M or narrow N: twice the CTAs of the 128x128 tile so small grids still fill the SMs.
-    _config(64, 128, 128, 4, 4),
+    tile_config(64, 128, 128, 4, 4),
     # Decode (M <= 16): the weight stream is the whole cost, so long K steps and narrow N tiles
     # that give enough CTAs to keep every SM loading (N=4096 / 32 = 128 CTAs on 132 SMs).
-    _config(16, 32, 256, 5, 4),
-    _config(16, 64, 256, 4, 4),
+    tile_config(16, 32, 256, 5, 4),
+    tile_config(16, 64, 256, 4, 4),
 ]
 
 

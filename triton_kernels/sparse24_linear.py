@@ -34,16 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._configs import tile_config
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Rows at or below this count are decode-style GEMVs: they get their own tiles (see _CONFIGS).
 SMALL_M = 16
 # Columns covered by one int16 meta word (four groups of four).
 COLUMNS_PER_WORD = 16
-
-
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_stages=stages, num_warps=warps)
 
 
 # Few configs on purpose: every one is benchmarked for each new (M bucket, N, K, dtype). BLOCK_K is
@@ -53,23 +50,23 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
 _CONFIGS = [
     # Prefill: tensor-core tiles (wgmma on Hopper wants BLOCK_M >= 64), the weight tile expanded once
     # per K step and shared by all BLOCK_M rows. 128x128x64 bf16: 142 registers.
-    _config(128, 128, 64, 3, 8),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
+    tile_config(128, 128, 64, 3, 8),
+    tile_config(128, 64, 64, 4, 4),
+    tile_config(64, 128, 64, 4, 4),
     # Decode (M <= 16): the weight stream is the whole cost, so long K steps and narrow N tiles that
     # give enough CTAs to keep every SM loading (N=4096 / 32 = 128 CTAs on 132 SMs). 178 registers.
-    _config(16, 32, 256, 4, 4),
-    _config(16, 64, 128, 4, 4),
-    _config(16, 64, 256, 3, 4),
+    tile_config(16, 32, 256, 4, 4),
+    tile_config(16, 64, 128, 4, 4),
+    tile_config(16, 64, 256, 3, 4),
 ]
 # float32 x: IEEE float32 products have no tensor-core instruction, so tl.dot runs on FMAs with both
 # operand tiles in registers; the 16-bit tiles above spill there (or ptxas gives up at 32 registers
 # and a large stack), these fit (228-255 registers, no or 16 bytes of spills).
 _CONFIGS_F32 = [
-    _config(64, 64, 32, 3, 8),
-    _config(32, 64, 32, 3, 4),
-    _config(16, 64, 32, 3, 4),
-    _config(16, 32, 64, 3, 4),
+    tile_config(64, 64, 32, 3, 8),
+    tile_config(32, 64, 32, 3, 4),
+    tile_config(16, 64, 32, 3, 4),
+    tile_config(16, 32, 64, 3, 4),
 ]
 
 
