@@ -21,4 +21,8 @@ TORCH_LIBRARY(torchslim, m) {
   // 2:4 sparse linear: x (M, K) float, values (N, K_pad / 2) x.dtype, meta (N, K_pad / 16) int16 (the
   // format of formats/sparse24.py, K_pad = round_up(K, 16)), bias (N,) -> (M, N) x.dtype.
   m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+
+  // CSR sparse linear: x (M, K) float, the weight (N, K) as crow (N + 1,) int32, col (nnz,) int16|int32,
+  // values (nnz,) x.dtype (the format of formats/csr.py), bias (N,) -> (M, N) x.dtype.
+  m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias=None) -> Tensor");
 }

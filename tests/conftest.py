@@ -43,6 +43,8 @@ HALF_SUBNORMAL_SPACING = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-134, t
 ALL_ISAS = ["scalar", "avx2", "avx_vnni", "avx512_vnni", "amx"]
 # The 2:4 kernel paths: scalar (what "avx2" and "avx_vnni" also run), AVX-512 and AMX.
 SPARSE24_ISAS = ["scalar", "avx512_vnni", "amx"]
+# The CSR kernel paths: scalar (also under "avx2" and "avx_vnni") and AVX-512 (also under "amx").
+CSR_ISAS = ["scalar", "avx512_vnni"]
 
 
 def available_isas():
@@ -70,6 +72,12 @@ def cpu_isa(request):
 def sparse24_isa(request):
     """Runs a test once per 2:4 kernel path this machine can execute (avx512_vnni: the AVX-512
     kernels where the CPU also has AVX512_BF16 and VBMI2, else the scalar ones)."""
+    yield from _run_on_isa(request.param)
+
+
+@pytest.fixture(params=CSR_ISAS)
+def csr_isa(request):
+    """Runs a test once per CSR kernel path this machine can execute."""
     yield from _run_on_isa(request.param)
 
 
@@ -143,5 +151,35 @@ def sparse24_linear_bad_inputs():
     yield "int bias", (x, values, meta, torch.ones(6, dtype=torch.int64)), "bias must be floating point"
     for i, name in ((1, "values"), (2, "meta"), (3, "bias")):
         args = [x, values, meta, torch.ones(6)]
+        args[i] = args[i].to("meta")
+        yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"
+
+
+def csr_linear_bad_inputs():
+    """(name, args, message regex): bad arguments of csr_linear; every device's op rejects them alike
+    (the row pointers' and columns' values are checked by the CPU op only: see test_csr_linear)."""
+    from torchslim.formats import csr
+
+    x = torch.randn(4, 40)
+    crow, col, values = csr.pack(torch.randn(6, 40) * (torch.rand(6, 40) < 0.3))
+    nnz = values.shape[0]
+    yield "3-D x", (x[None], crow, col, values, None), "x must be 2-D"
+    yield "int x", (x.int(), crow, col, values, None), "x must be float32, bfloat16 or float16"
+    yield "strided x", (torch.randn(40, 4).T, crow, col, values, None), "x must be contiguous"
+    yield "crow 2-D", (x, crow[None], col, values, None), "crow must be 1-D"
+    yield "col 2-D", (x, crow, col[None], values, None), "col must be 1-D"
+    yield "values 2-D", (x, crow, col, values[None], None), "values must be 1-D"
+    yield "col strided", (x, crow, torch.zeros(2 * nnz, dtype=torch.int16)[::2], values, None), "col must be contiguous"
+    yield "values strided", (x, crow, col, torch.zeros(2 * nnz)[::2], None), "values must be contiguous"
+    yield "crow int64", (x, crow.long(), col, values, None), "crow must be int32"
+    yield "col int64", (x, crow, col.long(), values, None), "col must be int16 or int32"
+    yield "col float", (x, crow, col.float(), values, None), "col must be int16 or int32"
+    yield "values dtype", (x, crow, col, values.bfloat16(), None), "values must have x's dtype"
+    yield "empty crow", (x, crow[:0], col, values, None), "crow must have N \\+ 1 >= 1 entries"
+    yield "col and values", (x, crow, col[:-1].contiguous(), values, None), "one entry per stored value"
+    yield "bias shape", (x, crow, col, values, torch.ones(7)), r"bias must have shape \(6,\)"
+    yield "int bias", (x, crow, col, values, torch.ones(6, dtype=torch.int64)), "bias must be floating point"
+    for i, name in ((1, "crow"), (2, "col"), (3, "values"), (4, "bias")):
+        args = [x, crow, col, values, torch.ones(6)]
         args[i] = args[i].to("meta")
         yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"

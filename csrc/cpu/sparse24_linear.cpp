@@ -13,6 +13,7 @@
 #include <atomic>
 
 #include "cpu/kernels/sparse24.h"
+#include "cpu/parallel_tasks.h"
 
 namespace torchslim {
 namespace {
@@ -69,18 +70,6 @@ void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
         }
       }
   TORCH_CHECK(false, op, ": meta holds an invalid group");  // unreachable: a kernel found one
-}
-
-// Runs fn(t) for t in [0, tasks) on torch's threads, each thread taking the next task when it is
-// done (an atomic counter), rather than at::parallel_for's fixed equal shares: on these shared
-// machines one thread is often slowed by another tenant, and with fixed halves the call waited for
-// it (M = 1 on 11008 x 4096 bf16 varied 2.6-4.8 ms between runs; dense, which balances, did not).
-template <class F>
-void parallel_tasks(int64_t tasks, const F& fn) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t t = next++; t < tasks; t = next++) fn(t);
-  });
 }
 
 bool use_avx512() {

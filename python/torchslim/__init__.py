@@ -9,8 +9,8 @@ from . import _C  # registers the op schemas and the CPU (and CUDA) kernels
 from . import ops  # the typed wrappers and fakes
 from . import _cuda_registration  # registers the Triton kernels for CUDA where Triton is installed
 from ._info import info
-from .nn import Int8Linear, Sparse24Linear
-from .patch import Int8Config, PatchReport, Sparse24Config, patch_model, unpatch_model
+from .nn import CSRLinear, Int8Linear, Sparse24Linear
+from .patch import CSRConfig, Int8Config, PatchReport, Sparse24Config, patch_model, unpatch_model
 
 __version__ = _C.__version__
 set_cpu_isa = _C.set_cpu_isa
@@ -42,6 +42,8 @@ def _apply_cpu_isa_env() -> None:
 _apply_cpu_isa_env()
 
 __all__ = [
+    "CSRConfig",
+    "CSRLinear",
     "Int8Config",
     "Int8Linear",
     "PatchReport",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .formats import csr as csr_format
 from .formats import sparse24 as sparse24_format
 from .formats.int8 import packed_shape
 
@@ -119,6 +120,29 @@ def check_sparse24_linear_args(x: Tensor, values: Tensor, meta: Tensor, bias: Te
         _check_device(bias, "bias", x, op)
         _check(bias.dim() == 1 and bias.shape[0] == N, lambda: f"{op}: bias must have shape ({N},), got {list(bias.shape)}")
         _check(bias.is_floating_point(), lambda: f"{op}: bias must be floating point, got {bias.dtype}")
+
+
+def check_csr_linear_args(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None) -> None:
+    """Shapes, dtypes, devices and layouts of csr_linear's arguments (not the row pointers' and
+    columns' values: the CPU op checks those as it reads them)."""
+    op = "csr_linear"
+    check_x(x, op)
+    for name, t in (("crow", crow), ("col", col), ("values", values)):
+        _check_device(t, name, x, op)
+        _check(t.dim() == 1, lambda: f"{op}: {name} must be 1-D, got shape {list(t.shape)}")
+        _check(t.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
+    _check(crow.dtype == torch.int32, lambda: f"{op}: crow must be int32, got {crow.dtype}")
+    _check(col.dtype in csr_format.INDEX_DTYPES, lambda: f"{op}: col must be int16 or int32, got {col.dtype}")
+    _check(values.dtype == x.dtype, lambda: f"{op}: values must have x's dtype {x.dtype}, got {values.dtype}")
+    _check(crow.shape[0] >= 1, lambda: f"{op}: crow must have N + 1 >= 1 entries, got 0")
+    _check(col.shape[0] == values.shape[0],
+           lambda: f"{op}: col and values must have one entry per stored value, got {col.shape[0]} and {values.shape[0]}")
+    N = crow.shape[0] - 1
+    if bias is not None:
+        _check_device(bias, "bias", x, op)
+        _check(bias.dim() == 1 and bias.shape[0] == N, lambda: f"{op}: bias must have shape ({N},), got {list(bias.shape)}")
+        _check(bias.is_floating_point(), lambda: f"{op}: bias must be floating point, got {bias.dtype}")
+    _check(x.shape[1] < 2**31, lambda: f"{op}: K must be below 2**31, got {x.shape[1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,3 +254,28 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
 def _(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
     check_sparse24_linear_args(x, values, meta, bias)
     return x.new_empty((x.shape[0], values.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# csr_linear
+# ---------------------------------------------------------------------------------------------
+def csr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
+    """CSR sparse linear: ``x @ W.T + bias``, W (N, K) the CSR weight (formats/csr.py), accumulated
+    in float32 and rounded once to x.dtype. Only stored entries are multiplied (as torch.sparse does).
+
+    x: (M, K) float32|bfloat16|float16, contiguous; crow: (N + 1,) int32; col: (nnz,) int16|int32;
+    values: (nnz,) in x.dtype; bias: (N,) floating point (added in x.dtype, as F.linear does) or
+    None; all contiguous, on x's device. Returns (M, N) in x.dtype.
+    A malformed CSR (row pointers not starting at 0, decreasing, or not ending at nnz; a column
+    outside [0, K); columns not strictly increasing within a row) raises on the CPU. On CUDA the
+    kernel never reads out of bounds whatever the indices hold, but does not check them per call
+    (that would need a device sync): CSRLinear checks them when it is built or loaded.
+    Differentiable w.r.t. x and bias; crow, col and values are a frozen weight.
+    """
+    return torch.ops.torchslim.csr_linear.default(x, crow, col, values, bias)
+
+
+@torch.library.register_fake("torchslim::csr_linear")
+def _(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
+    check_csr_linear_args(x, crow, col, values, bias)
+    return x.new_empty((x.shape[0], crow.shape[0] - 1))

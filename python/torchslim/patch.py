@@ -7,12 +7,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .nn import Int8Linear, Sparse24Linear
+from .nn import CSRLinear, Int8Linear, Sparse24Linear
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 # Modules patch_model creates, so unpatch_model knows what to turn back into nn.Linear.
-_PATCHED_TYPES = (Int8Linear, Sparse24Linear)
+_PATCHED_TYPES = (Int8Linear, Sparse24Linear, CSRLinear)
 
 
 @dataclass
@@ -64,15 +64,7 @@ class Sparse24Config:
     def __post_init__(self) -> None:
         if self.method not in ("magnitude", "wanda"):
             raise ValueError(f"Sparse24Config: method must be 'magnitude' or 'wanda', got {self.method!r}")
-        if not isinstance(self.importance, dict):
-            raise TypeError(f"Sparse24Config: importance must be a dict {{layer name: (in_features,) tensor}}, "
-                            f"got {type(self.importance).__name__}")
-        not_tensors = sorted(name for name, v in self.importance.items() if not isinstance(v, torch.Tensor))
-        if not_tensors:
-            raise TypeError(f"Sparse24Config: importance values must be tensors (in_features,); not for "
-                            f"{', '.join(not_tensors)}")
-        if self.method == "magnitude" and self.importance:
-            raise ValueError("Sparse24Config: importance is Wanda's input; with method='magnitude' it would be ignored")
+        _check_importance_dict(self.importance, self.method, "Sparse24Config")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("filter_fn must be callable(module, fqn) -> bool")
 
@@ -82,21 +74,77 @@ class Sparse24Config:
 
     def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
         """The Sparse24Linear of linear, reachable in the model under names."""
-        if self.method == "magnitude":
-            return Sparse24Linear.from_linear(linear)
-        given = [name for name in names if name in self.importance]
-        if not given:
-            raise ValueError(f"Sparse24Config(method='wanda') has no importance for {names[0]}; collect the input "
-                             "norms with torchslim.compress.InputNorms over calibration batches")
-        first = self.importance[given[0]]
-        if any(not torch.equal(self.importance[n], first) for n in given[1:]):
-            raise ValueError(f"Sparse24Config.importance gives the shared layer {names[0]} several importances "
-                             f"(under {', '.join(given)})")
-        return Sparse24Linear.from_linear(linear, importance=first)
+        return Sparse24Linear.from_linear(linear, importance=_layer_importance(self.importance, self.method, names,
+                                                                               "Sparse24Config"))
 
 
-_SHORTCUTS = {"int8": Int8Config, "2:4": Sparse24Config}
-_CONFIG_TYPES = (Int8Config, Sparse24Config)
+@dataclass
+class CSRConfig:
+    """Unstructured sparsity stored as CSR (CSRLinear).
+
+    sparsity: the fraction of every output row's weights pruned (in [0, 1)); None keeps each
+    weight's own zeros and prunes nothing (for a model pruned elsewhere). method: "magnitude"
+    (score |W|) or "wanda" (|W| x the L2 norm of the input feature over calibration data, compared
+    per output row; Sun et al. 2023). For "wanda", importance maps every converted layer's fully
+    qualified name (any of them, for a shared layer) to its (in_features,) norms:
+    compress.InputNorms collects them. filter_fn(module, fqn) -> bool chooses the layers (default: all).
+    """
+
+    sparsity: float | None = None
+    method: str = "magnitude"
+    importance: dict = field(default_factory=dict)
+    filter_fn: FilterFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
+                                          or not 0 <= self.sparsity < 1):
+            raise ValueError(f"CSRConfig: sparsity must be a number in [0, 1) or None, got {self.sparsity!r}")
+        if self.method not in ("magnitude", "wanda"):
+            raise ValueError(f"CSRConfig: method must be 'magnitude' or 'wanda', got {self.method!r}")
+        if self.method == "wanda" and self.sparsity is None:
+            raise ValueError("CSRConfig: method='wanda' prunes to a sparsity; give one")
+        _check_importance_dict(self.importance, self.method, "CSRConfig")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError("filter_fn must be callable(module, fqn) -> bool")
+
+    def unused_names(self, converted: list[str]) -> set[str]:
+        """Importances given for layers patch_model does not convert: refused, not ignored."""
+        return set(self.importance) - set(converted)
+
+    def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
+        """The CSRLinear of linear, reachable in the model under names."""
+        importance = _layer_importance(self.importance, self.method, names, "CSRConfig")
+        return CSRLinear.from_linear(linear, sparsity=self.sparsity, importance=importance)
+
+
+def _check_importance_dict(importance, method: str, config: str) -> None:
+    if not isinstance(importance, dict):
+        raise TypeError(f"{config}: importance must be a dict {{layer name: (in_features,) tensor}}, "
+                        f"got {type(importance).__name__}")
+    not_tensors = sorted(name for name, v in importance.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise TypeError(f"{config}: importance values must be tensors (in_features,); not for {', '.join(not_tensors)}")
+    if method == "magnitude" and importance:
+        raise ValueError(f"{config}: importance is Wanda's input; with method='magnitude' it would be ignored")
+
+
+def _layer_importance(importance: dict, method: str, names: tuple[str, ...], config: str):
+    """The Wanda importance of the layer reachable under names (None for magnitude)."""
+    if method == "magnitude":
+        return None
+    given = [name for name in names if name in importance]
+    if not given:
+        raise ValueError(f"{config}(method='wanda') has no importance for {names[0]}; collect the input "
+                         "norms with torchslim.compress.InputNorms over calibration batches")
+    first = importance[given[0]]
+    if any(not torch.equal(importance[n], first) for n in given[1:]):
+        raise ValueError(f"{config}.importance gives the shared layer {names[0]} several importances "
+                         f"(under {', '.join(given)})")
+    return first
+
+
+_SHORTCUTS = {"int8": Int8Config, "2:4": Sparse24Config, "csr": CSRConfig}
+_CONFIG_TYPES = (Int8Config, Sparse24Config, CSRConfig)
 
 
 @dataclass
@@ -138,7 +186,7 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _resolve_config(config) -> Int8Config | Sparse24Config:
+def _resolve_config(config) -> Int8Config | Sparse24Config | CSRConfig:
     if isinstance(config, str):
         if config not in _SHORTCUTS:
             raise ValueError(f"unknown method {config!r}; known: {sorted(_SHORTCUTS)}")
@@ -188,10 +236,11 @@ def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Modul
         raise
 
 
-def patch_model(model: nn.Module, config: str | Int8Config | Sparse24Config, filter_fn: FilterFn | None = None) -> PatchReport:
+def patch_model(model: nn.Module, config: str | Int8Config | Sparse24Config | CSRConfig, filter_fn: FilterFn | None = None) -> PatchReport:
     """Swaps, in place, every nn.Linear of model that the filter accepts for the module of config.
 
-    config: a config dataclass or a shortcut string ("int8", "2:4" = magnitude 2:4). filter_fn(module, fqn), if given,
+    config: a config dataclass or a shortcut string ("int8", "2:4" = magnitude 2:4, "csr" = CSR of each
+    weight's own zeros, no pruning: CSRConfig(sparsity=...) prunes). filter_fn(module, fqn), if given,
     overrides config.filter_fn. A layer reachable under several names (shared) becomes one
     compressed module at every site; the filter must then accept all its names or none. Every
     layer is converted before any is swapped, so a failure leaves the model unchanged. A model

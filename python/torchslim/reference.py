@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .formats import csr as csr_format
 from .formats import sparse24 as sparse24_format
 
 
@@ -49,6 +50,21 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
     as the op (and F.linear) adds it."""
     w = sparse24_format.unpack(values, meta, x.shape[1]).double()
     out = x.double() @ w.T
+    if bias is not None:
+        out = out + bias.to(x.dtype).double()
+    return out
+
+
+def csr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference of ops.csr_linear in float64: (M, N), summing over the stored entries only (an
+    Inf or NaN of x reaches only the outputs of rows that store a value in its column). The bias is
+    rounded to x.dtype first, as the op (and F.linear) adds it."""
+    problems = csr_format.check(crow, col, values, x.shape[1])
+    if problems:
+        raise ValueError("reference.csr_linear: " + "; ".join(problems))
+    N, nnz = crow.shape[0] - 1, values.shape[0]
+    out = torch.zeros(x.shape[0], N, dtype=torch.float64, device=x.device)
+    out.index_add_(1, csr_format.row_indices(crow, nnz), x.double()[:, col.long()] * values.double()[None, :])
     if bias is not None:
         out = out + bias.to(x.dtype).double()
     return out

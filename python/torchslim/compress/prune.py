@@ -1,4 +1,5 @@
-"""2:4 pruning: keep the two highest-scoring weights of every group of four along K.
+"""Pruning: 2:4 (keep the two highest-scoring weights of every group of four along K) and
+unstructured (keep the highest-scoring fraction of every output row).
 
 Scores: magnitude |W|, or Wanda (Sun et al., "A Simple and Effective Pruning Approach for Large
 Language Models", 2023): |W[n, k]| * ||X[:, k]||_2, the weight's size times the L2 norm of its input
@@ -33,6 +34,31 @@ def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
     order = groups.argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :2], True)
     return torch.where(keep.reshape(N, k_pad)[:, :K], w, torch.zeros_like(w))
+
+
+def prune_unstructured(w: Tensor, sparsity: float, importance: Tensor | None = None) -> Tensor:
+    """The pruned copy of w (N, K) in which every output row keeps its round((1 - sparsity) * K)
+    highest-scoring weights and the others become zero (per row, as Wanda compares: every row keeps
+    the same count, which also balances the CSR kernels' work). Score = |w| * importance[k] (Wanda)
+    when importance (K,) is given, |w| (magnitude) otherwise; ties keep the lower column. Weights
+    that are zero already stay zero, so the result may be sparser than asked. sparsity in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"prune_unstructured: sparsity must be a number in [0, 1), got {sparsity!r}")
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"prune_unstructured: w must be a 2-D floating point tensor, got {w.dtype} of shape {tuple(w.shape)}")
+    w = w.detach()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("prune_unstructured: w holds NaN or Inf")
+    N, K = w.shape
+    keep_count = K - round(sparsity * K)
+    if w.numel() == 0 or keep_count == K:
+        return w.clone()
+    score = w.abs().double()
+    if importance is not None:
+        score = score * check_importance(importance, K, "prune_unstructured").to(w.device)[None, :]
+    order = score.argsort(dim=1, descending=True, stable=True)
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :keep_count], True)
+    return torch.where(keep, w, torch.zeros_like(w))
 
 
 def check_importance(importance, K: int, caller: str) -> Tensor:

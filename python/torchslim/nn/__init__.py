@@ -1,5 +1,6 @@
 """Drop-in replacements for nn.Linear, each with from_linear(...) and to_linear()."""
+from .csr_linear import CSRLinear
 from .int8_linear import Int8Linear
 from .sparse24_linear import Sparse24Linear
 
-__all__ = ["Int8Linear", "Sparse24Linear"]
+__all__ = ["CSRLinear", "Int8Linear", "Sparse24Linear"]

@@ -1,0 +1,155 @@
+// CPU implementation of torchslim::csr_linear: argument and row pointer checks, the activation
+// layout, and threads (ATen); the arithmetic in cpu/kernels/csr_*.cpp. Two ways, by M:
+//  - up to kGatherMaxRows rows of x: 16 stored entries at a time gather their activations (AVX-512);
+//  - more rows: x transposed into tiles of up to 64 tokens, each entry one broadcast multiply-add
+//    per 16 tokens (AVX-512);
+// and a portable kernel where the active ISA has no AVX-512. Rows are split into tasks of equal work
+// (stored entries plus a per-row cost), whatever the spread of row lengths.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "cpu/kernels/csr.h"
+#include "cpu/parallel_tasks.h"
+
+namespace torchslim {
+namespace {
+
+using cpu::Dtype;
+
+Dtype float_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 ? Dtype::BF16 : t == at::kHalf ? Dtype::F16 : Dtype::F32;
+}
+
+// The checks of csr_linear, in the words and order of ops.check_csr_linear_args.
+void check_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"crow", &crow}, {"col", &col}, {"values", &values}}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t->device());
+    TORCH_CHECK(t->dim() == 1, op, ": ", name, " must be 1-D, got shape ", t->sizes());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  TORCH_CHECK(crow.scalar_type() == at::kInt, op, ": crow must be int32, got ", crow.scalar_type());
+  TORCH_CHECK(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt, op, ": col must be int16 or int32, got ",
+              col.scalar_type());
+  TORCH_CHECK(values.scalar_type() == dt, op, ": values must have x's dtype ", dt, ", got ", values.scalar_type());
+  TORCH_CHECK(crow.size(0) >= 1, op, ": crow must have N + 1 >= 1 entries, got 0");
+  TORCH_CHECK(col.size(0) == values.size(0), op, ": col and values must have one entry per stored value, got ",
+              col.size(0), " and ", values.size(0));
+  const int64_t N = crow.size(0) - 1;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ", bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ", bias->scalar_type());
+  }
+  TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": K must be below 2**31, got ", x.size(1));
+}
+
+// The row pointers, before any kernel trusts them (words of formats.csr.structure_problem).
+void check_crow(const int32_t* crow, int64_t N, int64_t nnz, const char* op) {
+  TORCH_CHECK(crow[0] == 0, op, ": crow[0] must be 0, got ", crow[0]);
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(crow[n + 1] >= crow[n], op, ": crow must never decrease: crow[", n + 1, "] = ", crow[n + 1], " < crow[",
+                n, "] = ", crow[n]);
+  TORCH_CHECK(crow[N] == nnz, op, ": crow[N] must equal the number of stored values ", nnz, ", got ", crow[N]);
+}
+
+// The first bad column, described as formats.csr.structure_problem does (the kernels only say that
+// there is one).
+[[noreturn]] void raise_bad_col(const cpu::CsrArgs& a, int64_t N, const char* op) {
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t prev = -1;
+    for (int64_t j = a.crow[n]; j < a.crow[n + 1]; ++j) {
+      const int64_t c = a.col16 ? static_cast<const int16_t*>(a.col)[j] : static_cast<const int32_t*>(a.col)[j];
+      TORCH_CHECK(c >= 0 && c < a.K, op, ": col[", j, "] = ", c, " (row ", n, ") is outside [0, ", a.K, ")");
+      TORCH_CHECK(c > prev, op, ": col must increase strictly within a row: row ", n, " has col[", j - 1, "] = ", prev,
+                  " then col[", j, "] = ", c);
+      prev = c;
+    }
+  }
+  TORCH_CHECK(false, op, ": col holds an invalid column");  // unreachable: a kernel found one
+}
+
+// Task boundaries over rows [0, N): each task about the same work, counted as its stored entries
+// plus row_cost per row (a row's fixed work: its reduction and stores).
+std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t N, int64_t tasks, int64_t row_cost) {
+  const auto work = [&](int64_t n) { return int64_t(crow[n]) + n * row_cost; };
+  const int64_t total = work(N);
+  std::vector<int64_t> bounds{0};
+  for (int64_t t = 1; t < tasks; ++t) {
+    // The first row whose work before it reaches t / tasks of the total (work is non-decreasing).
+    int64_t lo = bounds.back(), hi = N;
+    const int64_t goal = total * t / tasks;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (work(mid) < goal) lo = mid + 1;
+      else hi = mid;
+    }
+    if (lo > bounds.back()) bounds.push_back(lo);
+  }
+  if (N > bounds.back()) bounds.push_back(N);
+  return bounds;
+}
+
+// Up to this many rows of x, the gather kernel (one vgatherdps per row of x per 16 entries); beyond,
+// the token tiles (one FMA per 16 tokens per entry).
+constexpr int64_t kGatherMaxRows = 4;
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                          const std::optional<at::Tensor>& bias) {
+  const char* op = "csr_linear";
+  check_args(x, crow, col, values, bias, op);
+  const int64_t M = x.size(0), N = crow.size(0) - 1, K = x.size(1), nnz = values.size(0);
+  check_crow(crow.data_ptr<int32_t>(), N, nnz, op);
+  at::Tensor out = at::empty({M, N}, x.options());
+  // The bias as F.linear adds it in x's dtype (so rounded to it once), then float32 for the kernels.
+  const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor bias_f = bias_x.defined() ? bias_x.to(at::kFloat) : at::Tensor();
+  const Dtype dt = float_dtype(x.scalar_type());
+  cpu::CsrArgs args{crow.data_ptr<int32_t>(), col.data_ptr(), col.scalar_type() == at::kShort, values.data_ptr(),
+                    dt, K, nullptr, M, 0, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), N, dt};
+  const bool avx512 = cpu::active_isa() >= cpu::Isa::Avx512Vnni;
+  at::Tensor xf;  // the activations in float32, in the kernel's layout
+  auto* rows_fn = cpu::csr_rows_scalar;
+  if (M == 0) {
+    // Nothing to multiply: the columns are still checked, as every call checks them.
+  } else if (avx512 && M > kGatherMaxRows) {
+    args.T = M <= 16 ? 16 : M <= 32 ? 32 : 64;
+    const int64_t tiles = (M + args.T - 1) / args.T;
+    xf = at::zeros({tiles * args.T, K}, x.options().dtype(at::kFloat));
+    xf.narrow(0, 0, M).copy_(x);
+    xf = xf.view({tiles, args.T, K}).transpose(1, 2).contiguous();
+    rows_fn = cpu::csr_rows_tokens_avx512;
+  } else {
+    xf = x.to(at::kFloat).contiguous();
+    if (avx512) rows_fn = cpu::csr_rows_gather_avx512;
+  }
+  if (xf.defined()) args.x = xf.data_ptr<float>();
+  // ~8 tasks per thread (room to balance a slowed thread), each at least ~16K entries x rows of x.
+  const int64_t threads = at::get_num_threads();
+  const int64_t work = nnz * std::max<int64_t>(M, 1);
+  const int64_t tasks = std::clamp<int64_t>(work / (1 << 14), 1, 8 * threads);
+  const std::vector<int64_t> bounds = balanced_rows(args.crow, N, tasks, 16);
+  std::atomic<bool> ok{true};
+  parallel_tasks(int64_t(bounds.size()) - 1, [&](int64_t t) {
+    if (!rows_fn(args, bounds[t], bounds[t + 1])) ok = false;
+  });
+  if (!ok) raise_bad_col(args, N, op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("csr_linear", &csr_linear_cpu);
+}
+
+}  // namespace torchslim

@@ -1,0 +1,220 @@
+"""CSRLinear: unstructured sparse (CSR) replacement for nn.Linear."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..compress.prune import check_importance, prune_unstructured
+from ..formats import csr as csr_format
+
+
+class CSRLinear(nn.Module):
+    """y = x @ W.T + bias with W stored as CSR (formats/csr.py) and never expanded in memory.
+
+    Buffers (ordinary tensors: state_dict / safetensors / deepcopy / torch.compile work, and the
+    same form on every device): ``crow`` (out_features + 1,) int32, ``col`` (nnz,) int16 when
+    in_features <= 32768 else int32, ``values`` (nnz,) in the layer's float dtype, ``bias``
+    (out_features,) or None. The number of stored values nnz is the checkpoint's: load_state_dict
+    takes any nnz. ``weight`` is the dense weight, made on each access, for code that reads a
+    Linear's weight (its dtype, device).
+
+    The weight is frozen: gradients flow to x (and the layers below) and to nothing here.
+    ``load_state_dict`` checks the incoming CSR as a whole (dtypes, shapes, row pointers, columns in
+    range and strictly increasing per row, finite values in the layer's dtype) before writing any.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"CSRLinear: {name} must be a non-negative int, got {v!r}")
+        if dtype not in _FLOATS:
+            raise TypeError(f"CSRLinear: dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        # An all-zero weight: no stored values.
+        self.register_buffer("crow", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
+        self.register_buffer("col", torch.zeros(0, dtype=csr_format.index_dtype(in_features), device=device))
+        self.register_buffer("values", torch.zeros(0, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, sparsity: float | None = None,
+                    importance: Tensor | None = None) -> "CSRLinear":
+        """The CSR of linear's weight. With sparsity (in [0, 1)), every output row is pruned first to
+        keep its round((1 - sparsity) * in_features) highest-scoring weights: Wanda (|W| x
+        importance[k]) when the per-input-feature importance (in_features,) is given -- the L2 norms
+        of the inputs over calibration data, compress.InputNorms collects them -- magnitude (|W|)
+        otherwise. Without sparsity the weight's own zeros are dropped and nothing else. The layer's
+        dtype (float32, bfloat16, float16) is kept. A meta-device linear gives a meta module (no
+        stored values until a checkpoint is loaded)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"CSRLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"CSRLinear.from_linear: the layer is {w.dtype}; CSRLinear computes in "
+                            "float32, bfloat16 or float16: convert the model first")
+        if importance is not None:
+            if sparsity is None:
+                raise ValueError("CSRLinear.from_linear: importance (Wanda) chooses what to prune, so it needs a "
+                                 "sparsity")
+            check_importance(importance, linear.in_features, "CSRLinear.from_linear")
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                     or not 0 <= sparsity < 1):
+            raise ValueError(f"CSRLinear.from_linear: sparsity must be a number in [0, 1), got {sparsity!r}")
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        if w.is_meta:
+            return mod
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("CSRLinear.from_linear: the layer's weight holds NaN or Inf")
+        if sparsity is not None:
+            w = prune_unstructured(w, sparsity, importance)
+        crow, col, values = csr_format.pack(w)
+        mod.crow.copy_(crow)
+        mod._buffers["col"] = col
+        mod._buffers["values"] = values
+        if linear.bias is not None:
+            if not bool(torch.isfinite(linear.bias).all()):
+                raise ValueError("CSRLinear.from_linear: the layer's bias holds NaN or Inf")
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def to_linear(self) -> nn.Linear:
+        """The dense nn.Linear of the stored weight (same dtype and device)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def dense_weight(self) -> Tensor:
+        """The (out_features, in_features) weight, expanded (a new tensor); the CSR is checked first."""
+        return csr_format.unpack(self.crow, self.col, self.values, self.in_features)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight (out_features, in_features), expanded anew on each access: what code
+        written for nn.Linear reads. The layer itself never expands it. Traceable (no check of the
+        CSR here: it was checked when the layer was built or loaded)."""
+        return csr_format.unpack(self.crow, self.col, self.values, self.in_features, validate=False)
+
+    @property
+    def nnz(self) -> int:
+        """The number of stored values."""
+        return self.values.shape[0]
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the weight's entries not stored."""
+        total = self.in_features * self.out_features
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
+        K, buffers = self.in_features, self._buffers
+        if x.dim() == 0 or x.shape[-1] != K:
+            raise RuntimeError(f"CSRLinear(in_features={K}): x must have {K} features in its last dimension, "
+                               f"got shape {list(x.shape)}")
+        values = buffers["values"]
+        if x.dtype != values.dtype:
+            raise RuntimeError(f"CSRLinear: x is {x.dtype} but the layer is {values.dtype} (as nn.Linear, "
+                               "the input must have the layer's dtype)")
+        lead = x.shape[:-1]
+        x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+        y = _CSR_LINEAR(x2.contiguous(), buffers["crow"], buffers["col"], values, buffers["bias"])
+        return y.reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves and float dtype casts (.half(), .to(torch.bfloat16)) apply to values and bias
+        # alike; anything that would change the integer indices, or make the values a dtype the
+        # kernels lack, is refused before a buffer changes.
+        device = self.crow.device
+        for idx in (self.crow, self.col):
+            if fn(torch.empty(0, dtype=idx.dtype, device=device)).dtype != idx.dtype:
+                raise TypeError("CSRLinear: this conversion would change the integer CSR indices; use to_linear() first")
+        probe = fn(torch.empty(0, dtype=self.values.dtype, device=device))
+        if probe.dtype not in _FLOATS:
+            raise TypeError(f"CSRLinear: this conversion would make the weight {probe.dtype}; CSRLinear runs on "
+                            "float32, bfloat16 or float16")
+        before = dict(self._buffers)
+        try:
+            return super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.clear()
+            self._buffers.update(before)
+            raise
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Check the incoming CSR as a whole before anything is written; then give col and values the
+        # checkpoint's nnz (nn.Module's loader refuses a shape change) and let it copy.
+        incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        problems = _checkpoint_problems(incoming, self, assign)
+        if problems:
+            error_msgs.extend(f"{prefix}{p}" for p in problems)
+            return
+        before, errors = dict(self._buffers), len(error_msgs)
+        if "values" in incoming:
+            nnz = incoming["values"].shape[0]
+            self._buffers["col"] = self.col.new_empty(nnz)
+            self._buffers["values"] = self.values.new_empty(nnz)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(error_msgs) > errors:
+            self._buffers.clear()
+            self._buffers.update(before)
+        elif assign:  # the checkpoint's tensors themselves: the kernels need them contiguous
+            for name in incoming:
+                if self._buffers.get(name) is not None:
+                    self._buffers[name] = self._buffers[name].contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=CSR {self.values.dtype}, nnz={self.nnz} "
+                f"({100 * self.sparsity:.1f}% sparse)")
+
+
+_BUFFERS = ("crow", "col", "values", "bias")
+_FLOATS = ops._FLOATS
+_CSR_LINEAR = torch.ops.torchslim.csr_linear.default
+
+
+def _checkpoint_problems(incoming: dict, module: CSRLinear, assign: bool) -> list[str]:
+    problems = [f"{name}: expected a tensor, got {type(t).__name__}" for name, t in incoming.items()
+                if not isinstance(t, Tensor)]
+    if problems:
+        return problems
+    N, K = module.out_features, module.in_features
+    weight = [incoming.get(name) for name in ("crow", "col", "values")]
+    if any(t is None for t in weight) and any(t is not None for t in weight):
+        return ["crow, col and values are one weight: a checkpoint must hold all three or none"]
+    if weight[0] is not None:
+        crow, col, values = weight
+        if crow.is_meta or col.is_meta:
+            problems.append("crow and col of a checkpoint must hold values (they are on the meta device)")
+        else:
+            problems += csr_format.check(crow, col, values, K, N=N)
+        if assign and col.dtype != module.col.dtype:
+            problems.append(f"col: assign=True takes the checkpoint's tensor as it is, but its dtype {col.dtype} is "
+                            f"not the layer's {module.col.dtype} (load without assign)")
+    bias = incoming.get("bias")
+    if bias is not None and module.bias is not None and (bias.shape != (N,) or not bias.is_floating_point()):
+        problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+    if problems:
+        return problems
+    for name in ("values", "bias"):
+        t, target = incoming.get(name), module._buffers.get(name)
+        if t is None or target is None:
+            continue
+        if assign and t.dtype != target.dtype:
+            problems.append(f"{name}: assign=True takes the checkpoint's tensor as it is, but its dtype {t.dtype} "
+                            f"is not the layer's {target.dtype} (convert the module first, or load without assign)")
+        elif not t.is_meta and not bool(torch.isfinite(t.to(target.dtype)).all()):
+            problems.append(f"{name} hold NaN or Inf" + (f" once cast to the layer's {target.dtype}"
+                                                           if t.dtype != target.dtype else ""))
+    return problems
