@@ -1,9 +1,12 @@
 """Smoke test of the CUDA build of torchslim (run by `make cuda-check`, from outside the source tree).
 
-Everywhere: the module imports, reports cuda_compiled, has a CUDA kernel registered for
-quantize_per_token, and its CPU ops agree with torchslim.reference.
+Everywhere: the module imports, reports cuda_compiled, has CUDA kernels registered for
+quantize_per_token and csr_linear, and its CPU ops agree with torchslim.reference (csr_linear's
+where this build has its CPU kernel).
 With a GPU (torch.cuda.is_available()): the CUDA quantize_per_token is bit-exact against the
-reference on odd shapes, every dtype, unaligned rows, and rows of zeros / NaN / Inf / tiny values.
+reference on odd shapes, every dtype, unaligned rows, and rows of zeros / NaN / Inf / tiny values;
+the CUDA csr_linear is within its rounding bound of the reference (each kernel path, an uneven
+weight whose long row is split) and survives a malformed CSR without a CUDA error.
 Without one: a CUDA call must fail with a clear error (no driver), which is expected here.
 """
 from __future__ import annotations
@@ -74,7 +77,38 @@ def check_cpu() -> None:
             err = (out.double() - ref).abs().max().item()
             assert err <= 4 * torch.finfo(dtype).eps * (ref.abs().max().item() + 1) * max(1, K // 16), \
                 f"cpu sparse24_linear {dtype} {M}x{K}x{N}: err {err}"
-    print("CPU ops: quantize_per_token bit-exact, int8_linear and sparse24_linear match the reference")
+    csr_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("torchslim::csr_linear", "CPU")
+    if csr_cpu:
+        for dtype in DTYPES:
+            for M, N, K in [(1, 5, 7), (6, 17, 40), (70, 33, 100)]:
+                check_csr_linear(M, N, K, dtype, "cpu", 0.3)
+    print("CPU ops: quantize_per_token bit-exact, int8_linear and sparse24_linear match the reference"
+          + (", csr_linear too" if csr_cpu else "; csr_linear has no CPU kernel in this build (not checked)"))
+
+
+def check_csr_linear(M: int, N: int, K: int, dtype: torch.dtype, device: str, density: float,
+                     uneven: bool = False) -> None:
+    """csr_linear of a random sparse weight against the float64 reference: within n + 1 float32
+    roundings of S = |x| @ |W|.T + |bias| (n the longest row's stored entries), plus one of dtype."""
+    from torchslim.formats import csr
+
+    w = torch.randn(N, K) * (torch.rand(N, K) < density)
+    if uneven:  # one full row among nearly empty ones
+        w = torch.randn(N, K) * (torch.rand(N, K) < 0.002)
+        w[N // 2] = torch.randn(K)
+    w = w.to(dtype)
+    crow, col, values = csr.pack(w)
+    x, bias = torch.randn(M, K).to(dtype), torch.randn(N)
+    out = torchslim.ops.csr_linear(x.to(device), crow.to(device), col.to(device), values.to(device), bias.to(device))
+    ref = reference.csr_linear(x, crow, col, values, bias)
+    label = f"{device} csr_linear {dtype} M={M} N={N} K={K}"
+    assert out.shape == (M, N) and out.dtype == dtype and out.device.type == device, label
+    n = int((crow[1:] - crow[:-1]).max()) if N else 0
+    mag = x.double().abs() @ w.double().abs().T + bias.to(dtype).double().abs()
+    fi = torch.finfo(dtype)
+    bound = fi.eps / 2 * ref.abs() + 2 * (n + 1) * 2.0**-24 * mag + fi.smallest_normal * fi.eps / 2
+    err = (out.cpu().double() - ref).abs()
+    assert bool((err <= bound).all()), f"{label}: error {float((err - bound).max())} beyond the bound"
 
 
 def check_cuda() -> None:
@@ -116,6 +150,25 @@ def check_cuda() -> None:
     torch.cuda.synchronize()
     print("CUDA ops: quantize_per_token bit-exact against the reference")
 
+    # csr_linear: the row-group kernel (M <= 8; short and long rows), the token kernel (M > 8), a
+    # split long row (K > 4096), empty shapes; then a malformed CSR must not cause a CUDA error.
+    for dtype in DTYPES:
+        for M, N, K, density in [(1, 37, 300, 0.3), (3, 64, 2000, 0.6), (1, 5, 1, 1.0), (17, 129, 777, 0.05),
+                                 (130, 40, 500, 0.5), (0, 8, 16, 0.5), (4, 0, 16, 0.5), (4, 8, 16, 0.0)]:
+            check_csr_linear(M, N, K, dtype, "cuda", density)
+        for M in (1, 5, 40):
+            check_csr_linear(M, 64, 9000, dtype, "cuda", 0.0, uneven=True)
+    x = torch.randn(5, 70, device="cuda")
+    values = torch.randn(300, device="cuda")
+    for crow, col in [(torch.full((34,), -7, dtype=torch.int32), torch.randint(0, 70, (300,))),
+                      (torch.arange(34, dtype=torch.int32) * 1000, torch.randint(0, 70, (300,))),
+                      (torch.arange(33, -1, -1, dtype=torch.int32) * 9, torch.randint(0, 70, (300,))),
+                      (torch.linspace(0, 300, 34).int(), torch.randint(-100000, 100000, (300,)))]:
+        for col_dtype in (torch.int16, torch.int32):
+            torchslim.ops.csr_linear(x, crow.cuda(), col.to(col_dtype).cuda(), values)
+    torch.cuda.synchronize()  # an illegal address would surface here
+    print("CUDA ops: csr_linear within its rounding bound of the reference; a malformed CSR is memory-safe")
+
 
 def main() -> int:
     info = torchslim.info()
@@ -123,8 +176,9 @@ def main() -> int:
     assert torchslim.__file__ and "/python/torchslim/" not in torchslim.__file__, \
         f"imported the source tree, not the installed package: {torchslim.__file__}"
     assert info["cuda_compiled"], "torchslim._C was built without CUDA (cuda_compiled is False)"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("torchslim::quantize_per_token", "CUDA"), \
-        "no CUDA kernel registered for torchslim::quantize_per_token"
+    for op in ("quantize_per_token", "csr_linear"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchslim::{op}", "CUDA"), \
+            f"no CUDA kernel registered for torchslim::{op}"
     check_cpu()
     if torch.cuda.is_available():
         check_cuda()

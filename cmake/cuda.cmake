@@ -164,6 +164,8 @@ endfunction()
 # ---- the kernels ----
 # Bit-exact with the CPU kernel: IEEE division and denormals, whatever flags come before.
 torchslim_cuda_source(csrc/cuda/quantize_per_token.cu OPTIONS -ftz=false -prec-div=true)
+# Float32 sums of products (fmaf); no bit-exact contract, default flags.
+torchslim_cuda_source(csrc/cuda/csr_linear.cu)
 
 set(TORCHSLIM_CUDA_LIBS torch_cuda c10_cuda CUDA::cudart)
 set(WITH_CUDA ON)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/kernels/int8_gemm.h"
+#include "cpu/kernels/csr.h"
 #include "cpu/kernels/sparse24.h"
 
 namespace py = pybind11;
@@ -48,6 +49,8 @@ PYBIND11_MODULE(_C, m) {
     const bool amx = avx512 && active_isa() == Isa::Amx && s24_amx_supported();
     return std::string(amx ? "amx-bf16 + avx512" : avx512 ? "avx512" : "scalar");
   }, "The 2:4 CPU kernels the active instruction set selects: amx-bf16 + avx512, avx512 or scalar.");
+  m.def("csr_cpu_kernels", [] { return std::string(csr_avx512_active() ? "avx512" : "scalar"); },
+        "The CSR CPU kernels the active instruction set selects: avx512 or scalar.");
   m.def("set_cpu_isa", [](const std::string& name) {
     switch (set_active_isa(name.c_str())) {
       case SetIsa::Ok: return;

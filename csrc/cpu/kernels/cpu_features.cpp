@@ -54,17 +54,16 @@ unsigned detect() {
   return set;
 }
 
-// AVX-512 F/BW/VL/DQ + BF16 + VBMI2, with the OS saving the AVX-512 state (the 2:4 kernels).
-bool detect_s24_avx512() {
+// AVX-512 F/BW/VL/DQ + BF16, with the OS saving the AVX-512 state, and (vbmi2) VBMI2 too.
+bool detect_avx512_bf16(bool vbmi2) {
   uint32_t a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d) || !bit(c, 27)) return false;
   if ((xcr0() & 0xE6) != 0xE6) return false;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   const bool avx512 = bit(b, 16) && bit(b, 17) && bit(b, 30) && bit(b, 31);
-  const bool vbmi2 = bit(c, 6);
   uint32_t a1 = 0, b1, c1, d1;
   __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-  return avx512 && vbmi2 && bit(a1, 5);
+  return avx512 && (!vbmi2 || bit(c, 6)) && bit(a1, 5);
 }
 
 bool parse_isa(const char* name, Isa* out) {
@@ -90,7 +89,12 @@ bool isa_supported(Isa isa) {
 }
 
 bool s24_avx512_supported() {
-  static const bool yes = detect_s24_avx512();
+  static const bool yes = detect_avx512_bf16(/*vbmi2=*/true);
+  return yes;
+}
+
+bool csr_avx512_bf16_supported() {
+  static const bool yes = detect_avx512_bf16(/*vbmi2=*/false);
   return yes;
 }
 

@@ -3,31 +3,19 @@
 //    in L1/L2, with one vgatherdps per row of x. At M = 1 the time is the bytes of the weight:
 //    values + columns, 4 bytes per entry with bfloat16 values and int16 columns.
 //  - tokens (many rows of x): x transposed into tiles of T tokens; each entry is one broadcast value
-//    times T consecutive activations (one L1/L2 line per 16 tokens) into T float32 accumulators.
+//    times T consecutive activations (one line per 16 float32 tokens) into T float32 accumulators, or
+//    with bfloat16 x, each pair of entries one vdpbf16ps per 16 tokens.
 // Every column is checked (in [0, K), strictly increasing within its row) before it is an index.
 #include <immintrin.h>
 
 #include <algorithm>
-#include <new>
-#include <vector>
+#include <cstring>
 
 #include "csr.h"
 #include "scalar_convert.h"
 
 namespace torchslim::cpu {
 namespace {
-
-// 64-byte aligned storage for aligned vector loads and stores.
-template <class V>
-struct AlignedAllocator {
-  using value_type = V;
-  AlignedAllocator() = default;
-  template <class U>
-  AlignedAllocator(const AlignedAllocator<U>&) {}
-  V* allocate(size_t n) { return static_cast<V*>(::operator new(n * sizeof(V), std::align_val_t(64))); }
-  void deallocate(V* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  bool operator==(const AlignedAllocator&) const { return true; }
-};
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
@@ -66,7 +54,7 @@ void gather_row(const CsrArgs& a, int64_t n, int64_t m0, bool& ok) {
   const float* xr[MB];
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) {
-    xr[i] = a.x + (m0 + i) * a.K;
+    xr[i] = static_cast<const float*>(a.x) + (m0 + i) * a.K;
     acc[i] = _mm512_setzero_ps();
   }
   const __m512i k = _mm512_set1_epi32(int32_t(a.K));
@@ -101,102 +89,136 @@ bool gather_rows(const CsrArgs& a, int64_t n0, int64_t n1) {
   return ok;
 }
 
-// Entries [j0, j1) of a row (columns in cols, float32 values in vals) times the tile xt (x[:, k] at
-// xt + k T) into the R vectors at acc: U sets of accumulators take turns, U R independent FMA chains.
-template <int R>
-inline void row_block(const int32_t* cols, const float* vals, int64_t j0, int64_t j1, const float* xt, float* acc) {
+template <bool C16>
+inline int64_t col_at(const void* col, int64_t j) {
+  if constexpr (C16) return static_cast<const int16_t*>(col)[j];
+  else return static_cast<const int32_t*>(col)[j];
+}
+
+template <Dtype W>
+inline float value_at(const void* v, int64_t j) {
+  if constexpr (W == Dtype::F16) return _cvtsh_ss(static_cast<const uint16_t*>(v)[j]);
+  else if constexpr (W == Dtype::BF16) return bf16_to_float(static_cast<const uint16_t*>(v)[j]);
+  else return static_cast<const float*>(v)[j];
+}
+
+// Whether every column of rows [c0, c1) is in range and increasing within its row.
+template <bool C16>
+bool check_rows(const CsrArgs& a, int64_t c0, int64_t c1) {
+  const __m512i k = _mm512_set1_epi32(int32_t(a.K));
+  bool ok = true;
+  for (int64_t n = c0; n < c1; ++n) {
+    const int64_t s = a.crow[n], e = a.crow[n + 1];
+    __m512i prev = _mm512_set1_epi32(-1);
+    for (int64_t j = s; j < e; j += 16) {
+      const __mmask16 lm = lanes(e - j);
+      const __m512i idx = load_cols<C16>(a.col, j, lm);
+      check_cols(idx, prev, lm, k, ok);
+      prev = idx;
+    }
+  }
+  return ok;
+}
+
+// Row n (values of any dtype) times a float32 tile (T = 16 R tokens, x[:, k] at xt + k T) into
+// sums[0 .. T): per entry one broadcast value times R vectors; U sets of accumulators take turns
+// (U R independent FMA chains).
+template <Dtype W, bool C16, int R>
+inline void row_f32(const CsrArgs& a, int64_t n, const float* xt, float* sums) {
   constexpr int64_t T = 16 * R;
   constexpr int U = R == 1 ? 4 : 2;
   __m512 s[U][R];
-  for (int r = 0; r < R; ++r) s[0][r] = _mm512_load_ps(acc + 16 * r);
-  for (int u = 1; u < U; ++u)
+  for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r) s[u][r] = _mm512_setzero_ps();
-  int64_t j = j0;
-  for (; j + U <= j1; j += U)
+  const int64_t e = a.crow[n + 1];
+  int64_t j = a.crow[n];
+  for (; j + U <= e; j += U)
     for (int u = 0; u < U; ++u) {
-      const float* p = xt + int64_t(cols[j + u]) * T;
-      const __m512 v = _mm512_set1_ps(vals[j + u]);
+      const float* p = xt + col_at<C16>(a.col, j + u) * T;
+      const __m512 v = _mm512_set1_ps(value_at<W>(a.values, j + u));
       for (int r = 0; r < R; ++r) s[u][r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * r), s[u][r]);
     }
-  for (; j < j1; ++j) {
-    const float* p = xt + int64_t(cols[j]) * T;
-    const __m512 v = _mm512_set1_ps(vals[j]);
+  for (; j < e; ++j) {
+    const float* p = xt + col_at<C16>(a.col, j) * T;
+    const __m512 v = _mm512_set1_ps(value_at<W>(a.values, j));
     for (int r = 0; r < R; ++r) s[0][r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * r), s[0][r]);
   }
   for (int u = 1; u < U; ++u)
     for (int r = 0; r < R; ++r) s[0][r] = _mm512_add_ps(s[0][r], s[u][r]);
-  for (int r = 0; r < R; ++r) _mm512_store_ps(acc + 16 * r, s[0][r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(sums + 16 * r, s[0][r]);
 }
 
-// Rows [n0, n1) against every tile of T = 16 R tokens. An entry reads T activations of one column:
-// read from L2 at random, that line rate limited the kernel (~10 cycles per entry at T = 64), so the
-// columns go in blocks of kc whose activations (kc x T floats, 16 KiB) stay in L1 while every row of
-// a chunk runs over its entries in the block, its T sums kept in acc between blocks. A chunk (rows
-// with ~16K entries) has its columns checked, its values converted to float32 and its rows' block
-// boundaries found once, then runs over every tile.
+// Row n (bfloat16 values) times a bfloat16 tile (T = 16 R tokens, R even; x[:, k] at xt + k T, column K
+// all zero) into sums[0 .. T): two entries at a time. Their two columns of x are interleaved
+// (vpunpck{l,h}wd: token i's pair (x[i, c0], x[i, c1])) and one vdpbf16ps multiplies 16 tokens' pairs by
+// the pair of values (the two consecutive bfloat16 values, one 32-bit word): 32 multiply-adds per
+// instruction, twice an FMA's. An odd last entry is paired with the zero column K.
+template <bool C16, int R>
+inline void row_bf16(const CsrArgs& a, int64_t n, const uint16_t* xt, float* sums) {
+  static_assert(R % 2 == 0, "bfloat16 tiles hold 32 tokens per vector");
+  constexpr int64_t T = 16 * R;
+  constexpr int U = 2;
+  __m512 s[U][R];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r) s[u][r] = _mm512_setzero_ps();
+  const auto* v16 = static_cast<const uint16_t*>(a.values);
+  const auto step = [&](int u, int64_t c0, int64_t c1, uint32_t w) {
+    const __m512i wv = _mm512_set1_epi32(int32_t(w));
+    for (int q = 0; q < R / 2; ++q) {
+      const __m512i x0 = _mm512_loadu_si512(xt + c0 * T + 32 * q), x1 = _mm512_loadu_si512(xt + c1 * T + 32 * q);
+      s[u][2 * q] = _mm512_dpbf16_ps(s[u][2 * q], (__m512bh)_mm512_unpacklo_epi16(x0, x1), (__m512bh)wv);
+      s[u][2 * q + 1] = _mm512_dpbf16_ps(s[u][2 * q + 1], (__m512bh)_mm512_unpackhi_epi16(x0, x1), (__m512bh)wv);
+    }
+  };
+  const int64_t e = a.crow[n + 1];
+  int64_t j = a.crow[n];
+  for (; j + 2 * U <= e; j += 2 * U)
+    for (int u = 0; u < U; ++u) {
+      uint32_t w;
+      std::memcpy(&w, v16 + j + 2 * u, 4);
+      step(u, col_at<C16>(a.col, j + 2 * u), col_at<C16>(a.col, j + 2 * u + 1), w);
+    }
+  for (; j + 2 <= e; j += 2) {
+    uint32_t w;
+    std::memcpy(&w, v16 + j, 4);
+    step(0, col_at<C16>(a.col, j), col_at<C16>(a.col, j + 1), w);
+  }
+  if (j < e) step(1, col_at<C16>(a.col, j), a.K, v16[j]);
+  // Lane i of the low / high half of 32-token group q is token 32 q + 8 (i / 4) + i % 4 (+ 4).
+  alignas(64) float lanes_out[R][16];
+  for (int r = 0; r < R; ++r) _mm512_store_ps(lanes_out[r], _mm512_add_ps(s[0][r], s[1][r]));
+  for (int q = 0; q < R / 2; ++q)
+    for (int i = 0; i < 16; ++i) {
+      sums[32 * q + 8 * (i / 4) + i % 4] = lanes_out[2 * q][i];
+      sums[32 * q + 8 * (i / 4) + i % 4 + 4] = lanes_out[2 * q + 1][i];
+    }
+}
+
+// Rows [n0, n1) against every tile of T = 16 R tokens: the rows' columns are checked first (no column
+// is an index before it is checked), then each tile (K x T values, in L2) multiplies every row, tile by
+// tile. Reading a tile's rows at random from L2 is what bounds this kernel (~5 ns per 4 lines on this
+// Sapphire Rapids vCPU, 2.7 from L1). Blocking K so that a tile slice stays in L1 measured slower: a
+// row has only a few entries per block, and the per-(row, block) work ate the gain.
 template <Dtype W, bool C16, int R>
 bool token_rows(const CsrArgs& a, int64_t n0, int64_t n1) {
-  constexpr int64_t T = 16 * R, kc = 256 / R, kChunkEntries = 16384;
-  const int64_t tiles = (a.M + T - 1) / T, blocks = (a.K + kc - 1) / kc;
-  const __m512i k = _mm512_set1_epi32(int32_t(a.K));
-  std::vector<int32_t> cols, bounds;
-  std::vector<float> vals;
-  std::vector<float, AlignedAllocator<float>> acc;
-  bool ok = true;
-  for (int64_t c0 = n0; c0 < n1;) {
-    int64_t c1 = c0 + 1;  // the chunk: rows c0 .. c1 - 1, at least one
-    while (c1 < n1 && a.crow[c1 + 1] - a.crow[c0] <= kChunkEntries) ++c1;
-    const int64_t base = a.crow[c0], entries = a.crow[c1] - base, rows = c1 - c0;
-    cols.resize(entries + 16);
-    vals.resize(entries + 16);
-    bool chunk_ok = true;
-    for (int64_t n = c0; n < c1; ++n) {
-      const int64_t s = a.crow[n], e = a.crow[n + 1];
-      __m512i prev = _mm512_set1_epi32(-1);
-      for (int64_t j = s; j < e; j += 16) {
-        const __mmask16 lm = lanes(e - j);
-        const __m512i idx = load_cols<C16>(a.col, j, lm);
-        check_cols(idx, prev, lm, k, chunk_ok);
-        prev = idx;
-        _mm512_mask_storeu_epi32(cols.data() + (j - base), lm, idx);
-        _mm512_mask_storeu_ps(vals.data() + (j - base), lm, load_values<W>(a.values, j, lm));
+  constexpr int64_t T = 16 * R;
+  if (!check_rows<C16>(a, n0, n1)) return false;  // the call raises
+  const int64_t tiles = (a.M + T - 1) / T, tile_elems = (a.K + 1) * T;
+  alignas(64) float sums[T];
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t mt = std::min(T, a.M - t * T);
+    for (int64_t n = n0; n < n1; ++n) {
+      if constexpr (W == Dtype::BF16 && R % 2 == 0) {
+        if (a.x_bf16) row_bf16<C16, R>(a, n, static_cast<const uint16_t*>(a.x) + t * tile_elems, sums);
+        else row_f32<W, C16, R>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
+      } else {
+        row_f32<W, C16, R>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
       }
+      const float bias = a.bias ? a.bias[n] : 0.f;
+      for (int64_t i = 0; i < mt; ++i) store_from_float(a.out, a.out_dtype, (t * T + i) * a.ldo + n, sums[i] + bias);
     }
-    if (!chunk_ok) {  // no column of this chunk is used; the call raises
-      ok = false;
-      c0 = c1;
-      continue;
-    }
-    // bounds[r (blocks + 1) + b]: the first entry (chunk offset) of row c0 + r at or beyond column b kc.
-    bounds.resize(rows * (blocks + 1));
-    for (int64_t r = 0; r < rows; ++r) {
-      int64_t j = a.crow[c0 + r] - base;
-      const int64_t e = a.crow[c0 + r + 1] - base;
-      for (int64_t b = 0; b < blocks; ++b) {
-        while (j < e && cols[j] < b * kc) ++j;
-        bounds[r * (blocks + 1) + b] = int32_t(j);
-      }
-      bounds[r * (blocks + 1) + blocks] = int32_t(e);
-    }
-    acc.resize(rows * T);
-    for (int64_t t = 0; t < tiles; ++t) {
-      const float* xt = a.x + t * a.K * T;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t r = 0; r < rows; ++r) {
-          const int32_t* br = bounds.data() + r * (blocks + 1) + b;
-          if (br[1] > br[0]) row_block<R>(cols.data(), vals.data(), br[0], br[1], xt, acc.data() + r * T);
-        }
-      const int64_t mt = std::min(T, a.M - t * T);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float bias = a.bias ? a.bias[c0 + r] : 0.f;
-        for (int64_t i = 0; i < mt; ++i)
-          store_from_float(a.out, a.out_dtype, (t * T + i) * a.ldo + c0 + r, acc[r * T + i] + bias);
-      }
-    }
-    c0 = c1;
   }
-  return ok;
+  return true;
 }
 
 template <template <Dtype, bool> class F, class... Args>

@@ -9,6 +9,7 @@ bool csr_rows_scalar(const CsrArgs& a, int64_t n0, int64_t n1) {
   constexpr int64_t kMB = 8;
   const auto* col16 = static_cast<const int16_t*>(a.col);
   const auto* col32 = static_cast<const int32_t*>(a.col);
+  const float* x = static_cast<const float*>(a.x);
   bool ok = true;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t s = a.crow[n], e = a.crow[n + 1];
@@ -31,7 +32,7 @@ bool csr_rows_scalar(const CsrArgs& a, int64_t n0, int64_t n1) {
       for (int64_t j = s; j < e; ++j) {
         const int64_t c = a.col16 ? col16[j] : col32[j];
         const float v = load_as_float(a.values, a.w_dtype, j);
-        for (int64_t i = 0; i < mb; ++i) acc[i] += v * a.x[(m0 + i) * a.K + c];
+        for (int64_t i = 0; i < mb; ++i) acc[i] += v * x[(m0 + i) * a.K + c];
       }
       for (int64_t i = 0; i < mb; ++i) store_from_float(a.out, a.out_dtype, (m0 + i) * a.ldo + n, acc[i] + b);
     }
