@@ -11,8 +11,8 @@ from torchslim import ops, reference
 from torchslim.formats import csr
 
 SETTINGS = examples(30)
-# Rows around the strategies' boundaries (gather up to 4, token tiles of 16 / 32 / 64 beyond);
-# widths around the 16-entry steps and the 256 / 128 / 64-column blocks of the token kernel.
+# Rows around the strategies' boundaries (gather up to 3, token tiles of 4 / 8 / 16 / 32 / 64 tokens
+# beyond, bfloat16 tiles from 17, several tiles from 65); widths around the 16-entry steps.
 rows = st.one_of(st.integers(1, 20), st.sampled_from([31, 32, 33, 63, 64, 65, 130]))
 sizes = st.one_of(st.integers(1, 40), st.sampled_from([3, 16, 17, 63, 65, 129, 255, 257, 300, 520]))
 
@@ -51,7 +51,7 @@ def test_matches_reference(csr_isa, M, N, K, dtype, bias_dtype, density, col_dty
     check_against_reference(*make_case(M, N, K, dtype, bias_dtype, seed, density, col_dtype))
 
 
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 16, 17, 33, 64, 130])
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 9, 16, 17, 33, 64, 130])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_every_strategy_on_a_model_shape(csr_isa, M, dtype):
     check_against_reference(*make_case(M, 96, 768, dtype, torch.float32, M, density=0.1))

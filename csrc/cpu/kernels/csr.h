@@ -20,8 +20,8 @@ struct CsrArgs {
   // The activations, laid out for the kernel: float32 (M, K) row-major for the scalar and gather
   // kernels; for the token kernel, tiles of T tokens with K + 1 columns, tile t at x + t (K + 1) T,
   // x[m, k] at [t][k][m - t T] (rows beyond M and column K zero), bfloat16 when the values are
-  // and x_bf16 (T = 32 or 64: only where csr_avx512_bf16_supported()), float32 otherwise (T = 16, 32
-  // or 64).
+  // and x_bf16 (T = 32 or 64: only where csr_avx512_bf16_supported()), float32 otherwise (T = 4, 8,
+  // 16, 32 or 64).
   const void* x; bool x_bf16; int64_t M; int64_t T;
   const float* bias;  // (N,) already rounded to out_dtype, or nullptr
   void* out; int64_t ldo; Dtype out_dtype;

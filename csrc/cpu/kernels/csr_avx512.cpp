@@ -120,44 +120,78 @@ bool check_rows(const CsrArgs& a, int64_t c0, int64_t c1) {
   return ok;
 }
 
-// Row n (values of any dtype) times a float32 tile (T = 16 R tokens, x[:, k] at xt + k T) into
-// sums[0 .. T): per entry one broadcast value times R vectors; U sets of accumulators take turns
-// (U R independent FMA chains).
-template <Dtype W, bool C16, int R>
+// V float32 lanes: __m128, __m256 or __m512 (tiles of 4 and 8 tokens use the narrow ones: per entry
+// one load and one FMA of exactly the tokens there are).
+template <int V>
+struct F32Vec;
+template <>
+struct F32Vec<4> {
+  using T = __m128;
+  static T zero() { return _mm_setzero_ps(); }
+  static T set1(float v) { return _mm_set1_ps(v); }
+  static T load(const float* p) { return _mm_loadu_ps(p); }
+  static T fma(T a, T b, T c) { return _mm_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm_add_ps(a, b); }
+  static void store(float* p, T v) { _mm_storeu_ps(p, v); }
+};
+template <>
+struct F32Vec<8> {
+  using T = __m256;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+};
+template <>
+struct F32Vec<16> {
+  using T = __m512;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+};
+
+// Row n (values of any dtype) times a float32 tile of T tokens (x[:, k] at xt + k T) into
+// sums[0 .. T): per entry one broadcast value times the T activations of its column (R vectors of V
+// lanes); U sets of accumulators take turns (U R independent FMA chains).
+template <Dtype W, bool C16, int T>
 inline void row_f32(const CsrArgs& a, int64_t n, const float* xt, float* sums) {
-  constexpr int64_t T = 16 * R;
-  constexpr int U = R == 1 ? 4 : 2;
-  __m512 s[U][R];
+  constexpr int V = T < 16 ? T : 16, R = T / V, U = R == 1 ? 4 : 2;
+  using Vec = F32Vec<V>;
+  typename Vec::T s[U][R];
   for (int u = 0; u < U; ++u)
-    for (int r = 0; r < R; ++r) s[u][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) s[u][r] = Vec::zero();
   const int64_t e = a.crow[n + 1];
   int64_t j = a.crow[n];
   for (; j + U <= e; j += U)
     for (int u = 0; u < U; ++u) {
       const float* p = xt + col_at<C16>(a.col, j + u) * T;
-      const __m512 v = _mm512_set1_ps(value_at<W>(a.values, j + u));
-      for (int r = 0; r < R; ++r) s[u][r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * r), s[u][r]);
+      const auto v = Vec::set1(value_at<W>(a.values, j + u));
+      for (int r = 0; r < R; ++r) s[u][r] = Vec::fma(v, Vec::load(p + V * r), s[u][r]);
     }
   for (; j < e; ++j) {
     const float* p = xt + col_at<C16>(a.col, j) * T;
-    const __m512 v = _mm512_set1_ps(value_at<W>(a.values, j));
-    for (int r = 0; r < R; ++r) s[0][r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * r), s[0][r]);
+    const auto v = Vec::set1(value_at<W>(a.values, j));
+    for (int r = 0; r < R; ++r) s[0][r] = Vec::fma(v, Vec::load(p + V * r), s[0][r]);
   }
   for (int u = 1; u < U; ++u)
-    for (int r = 0; r < R; ++r) s[0][r] = _mm512_add_ps(s[0][r], s[u][r]);
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(sums + 16 * r, s[0][r]);
+    for (int r = 0; r < R; ++r) s[0][r] = Vec::add(s[0][r], s[u][r]);
+  for (int r = 0; r < R; ++r) Vec::store(sums + V * r, s[0][r]);
 }
 
-// Row n (bfloat16 values) times a bfloat16 tile (T = 16 R tokens, R even; x[:, k] at xt + k T, column K
+// Row n (bfloat16 values) times a bfloat16 tile of T = 32 or 64 tokens (x[:, k] at xt + k T, column K
 // all zero) into sums[0 .. T): two entries at a time. Their two columns of x are interleaved
 // (vpunpck{l,h}wd: token i's pair (x[i, c0], x[i, c1])) and one vdpbf16ps multiplies 16 tokens' pairs by
 // the pair of values (the two consecutive bfloat16 values, one 32-bit word): 32 multiply-adds per
 // instruction, twice an FMA's. An odd last entry is paired with the zero column K.
-template <bool C16, int R>
+template <bool C16, int T>
 inline void row_bf16(const CsrArgs& a, int64_t n, const uint16_t* xt, float* sums) {
-  static_assert(R % 2 == 0, "bfloat16 tiles hold 32 tokens per vector");
-  constexpr int64_t T = 16 * R;
-  constexpr int U = 2;
+  static_assert(T % 32 == 0, "bfloat16 tiles hold 32 tokens per vector");
+  constexpr int R = T / 16, U = 2;
   __m512 s[U][R];
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r) s[u][r] = _mm512_setzero_ps();
@@ -194,25 +228,24 @@ inline void row_bf16(const CsrArgs& a, int64_t n, const uint16_t* xt, float* sum
     }
 }
 
-// Rows [n0, n1) against every tile of T = 16 R tokens: the rows' columns are checked first (no column
+// Rows [n0, n1) against every tile of T tokens: the rows' columns are checked first (no column
 // is an index before it is checked), then each tile (K x T values, in L2) multiplies every row, tile by
 // tile. Reading a tile's rows at random from L2 is what bounds this kernel (~5 ns per 4 lines on this
 // Sapphire Rapids vCPU, 2.7 from L1). Blocking K so that a tile slice stays in L1 measured slower: a
 // row has only a few entries per block, and the per-(row, block) work ate the gain.
-template <Dtype W, bool C16, int R>
+template <Dtype W, bool C16, int T>
 bool token_rows(const CsrArgs& a, int64_t n0, int64_t n1) {
-  constexpr int64_t T = 16 * R;
   if (!check_rows<C16>(a, n0, n1)) return false;  // the call raises
   const int64_t tiles = (a.M + T - 1) / T, tile_elems = (a.K + 1) * T;
   alignas(64) float sums[T];
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t mt = std::min(T, a.M - t * T);
+    const int64_t mt = std::min<int64_t>(T, a.M - t * T);
     for (int64_t n = n0; n < n1; ++n) {
-      if constexpr (W == Dtype::BF16 && R % 2 == 0) {
-        if (a.x_bf16) row_bf16<C16, R>(a, n, static_cast<const uint16_t*>(a.x) + t * tile_elems, sums);
-        else row_f32<W, C16, R>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
+      if constexpr (W == Dtype::BF16 && T % 32 == 0) {
+        if (a.x_bf16) row_bf16<C16, T>(a, n, static_cast<const uint16_t*>(a.x) + t * tile_elems, sums);
+        else row_f32<W, C16, T>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
       } else {
-        row_f32<W, C16, R>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
+        row_f32<W, C16, T>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
       }
       const float bias = a.bias ? a.bias[n] : 0.f;
       for (int64_t i = 0; i < mt; ++i) store_from_float(a.out, a.out_dtype, (t * T + i) * a.ldo + n, sums[i] + bias);
@@ -240,9 +273,11 @@ template <Dtype W, bool C16>
 struct Tokens {
   static bool run(const CsrArgs& a, int64_t n0, int64_t n1) {
     switch (a.T) {
-      case 16: return token_rows<W, C16, 1>(a, n0, n1);
-      case 32: return token_rows<W, C16, 2>(a, n0, n1);
-      default: return token_rows<W, C16, 4>(a, n0, n1);
+      case 4: return token_rows<W, C16, 4>(a, n0, n1);
+      case 8: return token_rows<W, C16, 8>(a, n0, n1);
+      case 16: return token_rows<W, C16, 16>(a, n0, n1);
+      case 32: return token_rows<W, C16, 32>(a, n0, n1);
+      default: return token_rows<W, C16, 64>(a, n0, n1);
     }
   }
 };
