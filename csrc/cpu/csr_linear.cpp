@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/kernels/csr.h"
+#include "csr_linear_checks.h"
 #include "cpu/parallel_tasks.h"
 
 namespace torchslim {
@@ -22,35 +23,6 @@ using cpu::Dtype;
 
 Dtype float_dtype(at::ScalarType t) {
   return t == at::kBFloat16 ? Dtype::BF16 : t == at::kHalf ? Dtype::F16 : Dtype::F32;
-}
-
-// The checks of csr_linear, in the words and order of ops.check_csr_linear_args.
-void check_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                const std::optional<at::Tensor>& bias, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"crow", &crow}, {"col", &col}, {"values", &values}}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t->device());
-    TORCH_CHECK(t->dim() == 1, op, ": ", name, " must be 1-D, got shape ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
-  }
-  TORCH_CHECK(crow.scalar_type() == at::kInt, op, ": crow must be int32, got ", crow.scalar_type());
-  TORCH_CHECK(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt, op, ": col must be int16 or int32, got ",
-              col.scalar_type());
-  TORCH_CHECK(values.scalar_type() == dt, op, ": values must have x's dtype ", dt, ", got ", values.scalar_type());
-  TORCH_CHECK(crow.size(0) >= 1, op, ": crow must have N + 1 >= 1 entries, got 0");
-  TORCH_CHECK(col.size(0) == values.size(0), op, ": col and values must have one entry per stored value, got ",
-              col.size(0), " and ", values.size(0));
-  const int64_t N = crow.size(0) - 1;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ", bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, ",), got ", bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point, got ", bias->scalar_type());
-  }
-  TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": K must be below 2**31, got ", x.size(1));
 }
 
 // The row pointers, before any kernel trusts them (words of formats.csr.structure_problem).
@@ -108,7 +80,7 @@ constexpr int64_t kGatherMaxRows = 3;
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                           const std::optional<at::Tensor>& bias) {
   const char* op = "csr_linear";
-  check_args(x, crow, col, values, bias, op);
+  check_csr_linear_args(x, crow, col, values, bias);
   const int64_t M = x.size(0), N = crow.size(0) - 1, K = x.size(1), nnz = values.size(0);
   check_crow(crow.data_ptr<int32_t>(), N, nnz, op);
   at::Tensor out = at::empty({M, N}, x.options());

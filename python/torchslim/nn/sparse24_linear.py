@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from ._compressed import FLOATS as _FLOATS
+from ._compressed import checked_apply, flat_input, float_problems
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -92,37 +93,13 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
-        K, buffers = self.in_features, self._buffers
-        if x.dim() == 0 or x.shape[-1] != K:
-            raise RuntimeError(f"Sparse24Linear(in_features={K}): x must have {K} features in its last dimension, "
-                               f"got shape {list(x.shape)}")
-        values = buffers["values"]
-        if x.dtype != values.dtype:
-            raise RuntimeError(f"Sparse24Linear: x is {x.dtype} but the layer is {values.dtype} (as nn.Linear, "
-                               "the input must have the layer's dtype)")
-        lead = x.shape[:-1]
-        x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
-        y = _SPARSE24_LINEAR(x2.contiguous(), values, buffers["metadata"], buffers["bias"])
+        buffers = self._buffers
+        x2, lead = flat_input(type(self).__name__, x, self.in_features, buffers["values"].dtype)
+        y = _SPARSE24_LINEAR(x2, buffers["values"], buffers["metadata"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
-        # Device moves and float dtype casts (.half(), .to(torch.bfloat16)) apply to values and bias
-        # alike; anything that would turn the metadata into another type, or the values into a
-        # dtype the kernels lack, is refused before a buffer changes.
-        device = self.metadata.device
-        if fn(torch.empty(0, dtype=torch.int16, device=device)).dtype != torch.int16:
-            raise TypeError("Sparse24Linear: this conversion would change the int16 metadata; use to_linear() first")
-        probe = fn(torch.empty(0, dtype=self.values.dtype, device=device))
-        if probe.dtype not in _FLOATS:
-            raise TypeError(f"Sparse24Linear: this conversion would make the weight {probe.dtype}; Sparse24Linear "
-                            "runs on float32, bfloat16 or float16")
-        before = dict(self._buffers)
-        try:
-            return super()._apply(fn, recurse)
-        except BaseException:
-            self._buffers.clear()
-            self._buffers.update(before)
-            raise
+        return checked_apply(self, fn, recurse, super()._apply, (self.metadata,), "int16 metadata")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -149,7 +126,6 @@ class Sparse24Linear(nn.Module):
 
 
 _BUFFERS = ("values", "metadata", "bias")
-_FLOATS = ops._FLOATS
 _SPARSE24_LINEAR = torch.ops.torchslim.sparse24_linear.default
 
 
@@ -172,14 +148,4 @@ def _checkpoint_problems(incoming: dict, module: Sparse24Linear, assign: bool) -
         problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
     if problems:
         return problems
-    for name in ("values", "bias"):
-        t, target = incoming.get(name), module._buffers.get(name)
-        if t is None or target is None:
-            continue
-        if assign and t.dtype != target.dtype:
-            problems.append(f"{name}: assign=True takes the checkpoint's tensor as it is, but its dtype {t.dtype} "
-                            f"is not the layer's {target.dtype} (convert the module first, or load without assign)")
-        elif not t.is_meta and not bool(torch.isfinite(t.to(target.dtype)).all()):
-            problems.append(f"{name} hold NaN or Inf" + (f" once cast to the layer's {target.dtype}"
-                                                           if t.dtype != target.dtype else ""))
-    return problems
+    return float_problems(incoming, module, assign)

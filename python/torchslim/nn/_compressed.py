@@ -1,0 +1,59 @@
+"""What the compressed Linear modules share: the input check of forward, the guarded _apply, and the
+checks of a checkpoint's float tensors."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import _FLOATS as FLOATS
+
+
+def flat_input(layer: str, x: Tensor, K: int, dtype: torch.dtype) -> tuple[Tensor, torch.Size]:
+    """x (..., K) in the layer's dtype as a contiguous (M, K) matrix, with its leading shape."""
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise RuntimeError(f"{layer}(in_features={K}): x must have {K} features in its last dimension, "
+                           f"got shape {list(x.shape)}")
+    if x.dtype != dtype:
+        raise RuntimeError(f"{layer}: x is {x.dtype} but the layer is {dtype} (as nn.Linear, the input must "
+                           "have the layer's dtype)")
+    return (x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)).contiguous(), x.shape[:-1]
+
+
+def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tuple[Tensor, ...], what: str):
+    """module._apply(fn) (apply: nn.Module's, bound) for a compressed layer: device moves and float
+    casts (.half(), .to(torch.bfloat16)) reach values and bias alike; a conversion that would change
+    an integer index buffer (what names them), or make the values a dtype the kernels lack, is
+    refused before a buffer changes; a failure part-way restores every buffer."""
+    name = type(module).__name__
+    device = module.values.device
+    for t in index_buffers:
+        if fn(torch.empty(0, dtype=t.dtype, device=device)).dtype != t.dtype:
+            raise TypeError(f"{name}: this conversion would change the {what}; use to_linear() first")
+    probe = fn(torch.empty(0, dtype=module.values.dtype, device=device))
+    if probe.dtype not in FLOATS:
+        raise TypeError(f"{name}: this conversion would make the weight {probe.dtype}; {name} runs on "
+                        "float32, bfloat16 or float16")
+    before = dict(module._buffers)
+    try:
+        return apply(fn, recurse)
+    except BaseException:
+        module._buffers.clear()
+        module._buffers.update(before)
+        raise
+
+
+def float_problems(incoming: dict, module: nn.Module, assign: bool, names=("values", "bias")) -> list[str]:
+    """What is wrong with a checkpoint's float tensors for module: with assign, a dtype other than
+    the layer's (the tensor is taken as it is); otherwise, NaN or Inf once cast to the layer's dtype."""
+    problems = []
+    for name in names:
+        t, target = incoming.get(name), module._buffers.get(name)
+        if t is None or target is None:
+            continue
+        if assign and t.dtype != target.dtype:
+            problems.append(f"{name}: assign=True takes the checkpoint's tensor as it is, but its dtype {t.dtype} "
+                            f"is not the layer's {target.dtype} (convert the module first, or load without assign)")
+        elif not t.is_meta and not bool(torch.isfinite(t.to(target.dtype)).all()):
+            problems.append(f"{name} hold NaN or Inf" + (f" once cast to the layer's {target.dtype}"
+                                                           if t.dtype != target.dtype else ""))
+    return problems
