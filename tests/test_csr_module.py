@@ -249,3 +249,19 @@ def test_shortcut_and_shared_layers():
     patch_model(model, "csr")
     assert isinstance(model[0], CSRLinear) and model[0] is model[2]
     assert torchslim.CSRLinear is CSRLinear and csr.check(model[0].crow, model[0].col, model[0].values, 16) == []
+
+
+def test_assign_refuses_a_checkpoint_on_several_devices_or_requiring_grad():
+    sd = CSRLinear.from_linear(linear(), sparsity=0.5).state_dict()
+    mod = CSRLinear.from_linear(linear(seed=2), sparsity=0.5)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"on several devices \(cpu, meta\)"):
+        mod.load_state_dict(dict(sd, values=sd["values"].to("meta")), assign=True)
+    with pytest.raises(RuntimeError, match="values: assign=True .* require grad"):
+        mod.load_state_dict(dict(sd, values=sd["values"].clone().requires_grad_()), assign=True)
+    assert all(torch.equal(before[k], v) for k, v in mod.state_dict().items())
+
+
+def test_pruning_by_an_importance_without_values_is_refused():
+    with pytest.raises(ValueError, match="importance is on the meta device"):
+        CSRLinear.from_linear(linear(), sparsity=0.5, importance=torch.ones(40, device="meta"))

@@ -7,6 +7,7 @@ from conftest import FLOAT_DTYPES, examples
 from hypothesis import given
 from hypothesis import strategies as st
 
+import torchslim
 from torchslim.compress import prune_unstructured
 from torchslim.formats import csr
 
@@ -102,6 +103,15 @@ def test_check_names_each_malformation(kind):
     assert re.search(CORRUPTIONS[kind], problems[0]), problems
     with pytest.raises(ValueError, match=CORRUPTIONS[kind]):
         csr.unpack(*corrupt(kind), 10)
+
+
+def test_the_first_bad_entry_in_storage_order_is_named_as_the_op_names_it():
+    crow = torch.tensor([0, 2, 4], dtype=torch.int32)
+    col = torch.tensor([3, 1, 0, 10], dtype=torch.int16)  # row 0 out of order, then row 1 out of range
+    assert csr.check(crow, col, torch.ones(4), 10) == [
+        "col must increase strictly within a row: row 0 has col[0] = 3 then col[1] = 1"]
+    with pytest.raises(RuntimeError, match=r"csr_linear: col must increase strictly within a row: row 0 has col\[0\]"):
+        torchslim.ops.csr_linear(torch.ones(1, 10), crow, col, torch.ones(4))
 
 
 def test_check_refuses_wrong_types_and_shapes():

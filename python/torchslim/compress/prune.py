@@ -24,7 +24,7 @@ def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
         raise ValueError("prune_24: w holds NaN or Inf")
     score = w.abs().double()
     if importance is not None:
-        score = score * check_importance(importance, w.shape[1], "prune_24").to(w.device)[None, :]
+        score = score * check_importance(importance, w.shape[1], "prune_24", need_values=True).to(w.device)[None, :]
     N, K = w.shape
     if w.numel() == 0:
         return w.clone()
@@ -55,20 +55,23 @@ def prune_unstructured(w: Tensor, sparsity: float, importance: Tensor | None = N
         return w.clone()
     score = w.abs().double()
     if importance is not None:
-        score = score * check_importance(importance, K, "prune_unstructured").to(w.device)[None, :]
+        score = score * check_importance(importance, K, "prune_unstructured", need_values=True).to(w.device)[None, :]
     order = score.argsort(dim=1, descending=True, stable=True)
     keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :keep_count], True)
     return torch.where(keep, w, torch.zeros_like(w))
 
 
-def check_importance(importance, K: int, caller: str) -> Tensor:
+def check_importance(importance, K: int, caller: str, need_values: bool = False) -> Tensor:
     """importance as a float64 tensor of shape (K,), or a ValueError saying what is wrong with it.
-    Values are checked (finite, non-negative) unless it is on the meta device."""
+    Values are checked (finite, non-negative) unless it is on the meta device, which need_values
+    (pruning a real weight) refuses."""
     if not isinstance(importance, Tensor):
         raise ValueError(f"{caller}: importance must be a tensor of shape ({K},), got {type(importance).__name__}")
     if importance.shape != (K,) or not importance.is_floating_point():
         raise ValueError(f"{caller}: importance must be a float tensor of shape ({K},), "
                          f"got {importance.dtype} of shape {tuple(importance.shape)}")
+    if need_values and importance.is_meta:
+        raise ValueError(f"{caller}: importance is on the meta device and has no values to prune by")
     importance = importance.detach().double()
     if not importance.is_meta and (not bool(torch.isfinite(importance).all()) or bool((importance < 0).any())):
         raise ValueError(f"{caller}: importance must be finite and non-negative (an L2 norm per input feature)")

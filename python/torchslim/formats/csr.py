@@ -120,18 +120,20 @@ def structure_problem(crow: Tensor, col: Tensor, K: int) -> str | None:
         return f"crow must never decrease: crow[{n + 1}] = {int(c[n + 1])} < crow[{n}] = {int(c[n])}"
     if int(c[-1]) != nnz:
         return f"crow[N] must equal the number of stored values {nnz}, got {int(c[-1])}"
+    # The first bad entry in storage order (the CPU op's order), out of range or out of order.
     cols = col.to(torch.int64)
-    out = ((cols < 0) | (cols >= K)).nonzero()
-    if out.numel():
-        j = int(out[0])
-        return f"col[{j}] = {int(cols[j])} (row {int(row_indices(crow, nnz)[j])}) is outside [0, {K})"
+    bad = (cols < 0) | (cols >= K)
     if nnz > 1:
         starts = torch.zeros(nnz, dtype=torch.bool, device=col.device)
         first = c[:-1]
         starts[first[first < nnz]] = True  # the first entry of every non-empty row
-        unsorted = ((cols[1:] <= cols[:-1]) & ~starts[1:]).nonzero()
-        if unsorted.numel():
-            j = int(unsorted[0]) + 1
-            return (f"col must increase strictly within a row: row {int(row_indices(crow, nnz)[j])} has col[{j - 1}] = "
-                    f"{int(cols[j - 1])} then col[{j}] = {int(cols[j])}")
+        bad[1:] |= (cols[1:] <= cols[:-1]) & ~starts[1:]
+    where = bad.nonzero()
+    if where.numel():
+        j = int(where[0])
+        row = int(row_indices(crow, nnz)[j])
+        if not 0 <= int(cols[j]) < K:
+            return f"col[{j}] = {int(cols[j])} (row {row}) is outside [0, {K})"
+        return (f"col must increase strictly within a row: row {row} has col[{j - 1}] = {int(cols[j - 1])} then "
+                f"col[{j}] = {int(cols[j])}")
     return None

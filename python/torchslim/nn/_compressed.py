@@ -42,6 +42,21 @@ def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tu
         raise
 
 
+def assign_problems(incoming: dict) -> list[str]:
+    """With assign=True the checkpoint's tensors become the layer's buffers as they are: they must be
+    on one device, and none may require grad (the compressed weight is a frozen buffer)."""
+    problems = []
+    devices = sorted({str(t.device) for t in incoming.values()})
+    if len(devices) > 1:
+        problems.append("assign=True takes the checkpoint's tensors as they are, but they are on several devices "
+                        f"({', '.join(devices)})")
+    grads = sorted(name for name, t in incoming.items() if t.requires_grad)
+    if grads:
+        problems.append(f"{', '.join(grads)}: assign=True takes the checkpoint's tensors as they are, but these "
+                        "require grad, and the compressed weight is a frozen buffer (detach them)")
+    return problems
+
+
 def float_problems(incoming: dict, module: nn.Module, assign: bool, names=("values", "bias")) -> list[str]:
     """What is wrong with a checkpoint's float tensors for module: with assign, a dtype other than
     the layer's (the tensor is taken as it is); otherwise, NaN or Inf once cast to the layer's dtype."""

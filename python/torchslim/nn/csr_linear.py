@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
-from ._compressed import checked_apply, flat_input, float_problems
+from ._compressed import assign_problems, checked_apply, flat_input, float_problems
 from ..compress.prune import check_importance, prune_unstructured
 from ..formats import csr as csr_format
 
@@ -164,6 +164,8 @@ def _checkpoint_problems(incoming: dict, module: CSRLinear, assign: bool) -> lis
                 if not isinstance(t, Tensor)]
     if problems:
         return problems
+    if assign:
+        problems = assign_problems(incoming)
     N, K = module.out_features, module.in_features
     weight = [incoming.get(name) for name in ("crow", "col", "values")]
     if any(t is None for t in weight) and any(t is not None for t in weight):

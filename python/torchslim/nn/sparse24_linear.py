@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
-from ._compressed import checked_apply, flat_input, float_problems
+from ._compressed import assign_problems, checked_apply, flat_input, float_problems
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -134,6 +134,8 @@ def _checkpoint_problems(incoming: dict, module: Sparse24Linear, assign: bool) -
                 if not isinstance(t, Tensor)]
     if problems:
         return problems
+    if assign:
+        problems = assign_problems(incoming)
     N, K = module.out_features, module.in_features
     values, meta = incoming.get("values"), incoming.get("metadata")
     if (values is None) != (meta is None):
