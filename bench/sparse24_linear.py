@@ -43,7 +43,7 @@ from torchslim.compress import prune_24
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, cpu_flags, cpu_model, l3_bytes,  # noqa: E402
-                         loadavg, md_table, n_copies_for, rel_err)
+                         loadavg, lock_memory, md_table, n_copies_for, rel_err)
 
 QUICK_SHAPES = [(384, 1536), (4096, 4096)]
 QUICK_MS = [1, 16, 128]
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     machine = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "torchslim_cpu_isa": torchslim.cpu_isa(), "l3_bytes": l3,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "loadavg_before": loadavg()}
+               "loadavg_before": loadavg(), "memory": lock_memory()}
     print(f"CPU: {machine['cpu_model']}  flags: {' '.join(machine['cpu_flags'])}")
     print(f"torch {torch.__version__}, threads {machine['threads']}, torchslim cpu_isa={torchslim.cpu_isa()}; "
           f"L3 {l3 >> 20} MiB ({l3_src}), weights rotated over >= {args.rotate_factor:g} x L3 "
