@@ -47,6 +47,24 @@ inline __mmask16 check_cols(__m512i idx, __m512i prev, __mmask16 lm, __m512i k, 
   return in;
 }
 
+// Entries ahead of use whose columns and values are prefetched. The hardware prefetchers left both
+// kernels latency-bound on the weight stream (the gathers and the per-row loops keep few misses in
+// flight): measured at M = 1, bfloat16, 90% sparse, alternating in one process, 4096 x 4096 went
+// from 763 to 352-387 us with 1024-4096 entries ahead, 11008 x 4096 from 1490 to 813-842; at M = 4
+// and 8 the token tiles gained ~25%.
+constexpr int64_t kPrefetchAhead = 2048;
+
+// Prefetches the columns and values of entries [j0, j1) (which may lie beyond the tensors: a
+// prefetch never faults) into L1.
+template <bool C16, Dtype W>
+inline void prefetch_range(const CsrArgs& a, int64_t j0, int64_t j1) {
+  constexpr int64_t col_size = C16 ? 2 : 4, value_size = W == Dtype::F32 ? 4 : 2;
+  const char* c = static_cast<const char*>(a.col);
+  const char* v = static_cast<const char*>(a.values);
+  for (int64_t b = j0 * col_size; b < j1 * col_size; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+  for (int64_t b = j0 * value_size; b < j1 * value_size; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+}
+
 // Row n against rows m0 .. m0 + MB - 1 of x (float32, (M, K)).
 template <Dtype W, bool C16, int MB>
 void gather_row(const CsrArgs& a, int64_t n, int64_t m0, bool& ok) {
@@ -60,6 +78,7 @@ void gather_row(const CsrArgs& a, int64_t n, int64_t m0, bool& ok) {
   const __m512i k = _mm512_set1_epi32(int32_t(a.K));
   __m512i prev = _mm512_set1_epi32(-1);
   for (int64_t j = s; j < e; j += 16) {
+    prefetch_range<C16, W>(a, j + kPrefetchAhead, j + kPrefetchAhead + 16);
     const __mmask16 lm = lanes(e - j);
     const __m512i idx = load_cols<C16>(a.col, j, lm);
     const __mmask16 safe = check_cols(idx, prev, lm, k, ok);
@@ -241,6 +260,7 @@ bool token_rows(const CsrArgs& a, int64_t n0, int64_t n1) {
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t mt = std::min<int64_t>(T, a.M - t * T);
     for (int64_t n = n0; n < n1; ++n) {
+      prefetch_range<C16, W>(a, a.crow[n] + kPrefetchAhead, a.crow[n + 1] + kPrefetchAhead);
       if constexpr (W == Dtype::BF16 && T % 32 == 0) {
         if (a.x_bf16) row_bf16<C16, T>(a, n, static_cast<const uint16_t*>(a.x) + t * tile_elems, sums);
         else row_f32<W, C16, T>(a, n, static_cast<const float*>(a.x) + t * tile_elems, sums);
