@@ -1,6 +1,7 @@
 """CPU benchmark: torchslim.nn.CSRLinear (unstructured sparsity, CSR) against dense and torch.sparse.
 
-Side by side in one process, on the same pruned weight (magnitude, per row) and inputs, interleaved:
+Side by side in one process, on the same pruned weight (magnitude, per row) and inputs, interleaved
+(torch.sparse right after the others: interleaved, it slowed the method that ran next):
 
   csr bf16      CSRLinear.from_linear(lin_bf16, sparsity=s)(x_bf16)   int16 columns + bf16 values
   bf16          F.linear(x_bf16, W_bf16, b)                            dense bf16 (oneDNN; AMX where present)
@@ -66,20 +67,29 @@ def build(N: int, K: int, sparsity: float, args, l3: int) -> tuple[dict, nn.Line
     lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
     lin_bf16 = nn.Linear(K, N).to(torch.bfloat16).requires_grad_(False)
     lin_bf16.load_state_dict(lin.state_dict())
-    specs = {}
+    # name -> (one copy, its bytes, clone(copy), call(copy, x))
+    makers = {}
     for name, layer in (("csr bf16", lin_bf16), ("csr fp32", lin)):
         m = torchslim.CSRLinear.from_linear(layer)
-        n = n_copies_for(nbytes(m.crow, m.col, m.values, m.bias), args, l3)
-        specs[name] = ([m] + [clone_csr(m) for _ in range(n - 1)], lambda c, x: c(x))
+        makers[name] = (m, nbytes(m.crow, m.col, m.values, m.bias), clone_csr, lambda c, x: c(x))
     for name, layer in (("bf16", lin_bf16), ("fp32", lin)):
-        w, b = layer.weight, layer.bias
-        specs[name] = ([(w.clone(), b.clone()) for _ in range(n_copies_for(nbytes(w, b), args, l3))],
-                       lambda c, x: F.linear(x, c[0], c[1]))
+        makers[name] = ((layer.weight, layer.bias), nbytes(layer.weight, layer.bias),
+                        lambda c: (c[0].clone(), c[1].clone()), lambda c, x: F.linear(x, c[0], c[1]))
     if not args.no_torch_sparse:
         ws = lin.weight.to_sparse_csr()
-        n = n_copies_for(nbytes(ws.crow_indices(), ws.col_indices(), ws.values(), lin.bias), args, l3)
-        specs["torch.sparse"] = ([(lin.weight.to_sparse_csr(), lin.bias[:, None].clone()) for _ in range(n)],
-                                 lambda c, x: torch.addmm(c[1], c[0], x.T).T)
+        ws_bytes = nbytes(ws.crow_indices(), ws.col_indices(), ws.values(), lin.bias)
+        makers["torch.sparse"] = ((ws, lin.bias[:, None].clone()), ws_bytes, lambda c: (c[0].clone(), c[1].clone()),
+                                  lambda c, x: torch.addmm(c[1], c[0], x.T).T)
+    # The copies are made round-robin across the methods: on these VMs, memory allocated at one time
+    # can stream at half the speed of memory allocated at another (host page backing), and one method
+    # whose every copy came from such a stretch ran 2x slower through a whole case.
+    counts = {name: n_copies_for(b, args, l3) for name, (_, b, _, _) in makers.items()}
+    copies = {name: [first] for name, (first, _, _, _) in makers.items()}
+    for i in range(1, max(counts.values())):
+        for name, (first, _, clone, _) in makers.items():
+            if i < counts[name]:
+                copies[name].append(clone(first))
+    specs = {name: (copies[name], call) for name, (_, _, _, call) in makers.items()}
     return specs, lin
 
 
@@ -115,7 +125,10 @@ def run(args) -> int:
                 ref = F.linear(x, lin.weight, lin.bias)
                 errs = {name: rel_err(specs[name][1](specs[name][0][0], xs.get(name, x)), ref)
                         for name in ("csr bf16", "csr fp32")}
-                res = bench_case(methods, repeats, target_s, args.max_iters)
+                # torch.sparse is timed on its own, after the others: interleaved, it slowed whichever
+                # method ran next (csr bf16 at M = 1 on 4096x4096 took 2044 us after it, 889 without it).
+                res = bench_case([m for m in methods if m.name != "torch.sparse"], repeats, target_s, args.max_iters)
+                res.update(bench_case([m for m in methods if m.name == "torch.sparse"], repeats, target_s, args.max_iters))
                 t = {name: r["median_s"] for name, r in res.items()}
                 ratios = {key: t[base] / t[ours] for key, (ours, base) in RATIOS.items() if base in t}
                 rows.append({"N": N, "K": K, "sparsity": s, "M": M, "times": res, "ratios": ratios,
