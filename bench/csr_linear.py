@@ -1,7 +1,7 @@
 """CPU benchmark: torchslim.nn.CSRLinear (unstructured sparsity, CSR) against dense and torch.sparse.
 
 Side by side in one process, on the same pruned weight (magnitude, per row) and inputs, interleaved
-(torch.sparse right after the others: interleaved, it slowed the method that ran next):
+(torch.sparse right after the others), every method's weight copies made round-robin with the others':
 
   csr bf16      CSRLinear.from_linear(lin_bf16, sparsity=s)(x_bf16)   int16 columns + bf16 values
   bf16          F.linear(x_bf16, W_bf16, b)                            dense bf16 (oneDNN; AMX where present)
@@ -125,8 +125,9 @@ def run(args) -> int:
                 ref = F.linear(x, lin.weight, lin.bias)
                 errs = {name: rel_err(specs[name][1](specs[name][0][0], xs.get(name, x)), ref)
                         for name in ("csr bf16", "csr fp32")}
-                # torch.sparse is timed on its own, after the others: interleaved, it slowed whichever
-                # method ran next (csr bf16 at M = 1 on 4096x4096 took 2044 us after it, 889 without it).
+                # torch.sparse is timed on its own, after the others (an early run had the method after
+                # it 2x slower; that was mostly the allocation effect build() now avoids, but its calls of
+                # 10-200 ms at large M also stretch the interleaved loops apart).
                 res = bench_case([m for m in methods if m.name != "torch.sparse"], repeats, target_s, args.max_iters)
                 res.update(bench_case([m for m in methods if m.name == "torch.sparse"], repeats, target_s, args.max_iters))
                 t = {name: r["median_s"] for name, r in res.items()}

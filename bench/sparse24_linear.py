@@ -68,12 +68,16 @@ def copies_for(N: int, K: int, dtype: torch.dtype, args, l3: int) -> tuple[dict,
     ours_bytes = sum(t.numel() * t.element_size() for t in (ours0.values, ours0.metadata, ours0.bias))
     dense_bytes = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias))
     w, b = lin.weight.detach(), lin.bias.detach()
-    return {
-        "ours": ([ours0] + [clone_buffers(ours0) for _ in range(n_copies_for(ours_bytes, args, l3) - 1)],
-                 lambda m, x: m(x)),
-        "dense": ([(w.clone(), b.clone()) for _ in range(n_copies_for(dense_bytes, args, l3))],
-                  lambda c, x: F.linear(x, c[0], c[1])),
-    }, lin
+    # Copies made round-robin (see bench/csr_linear.py build(): memory allocated at one time can stream
+    # at half the speed of memory allocated at another on these VMs).
+    n_ours, n_dense = n_copies_for(ours_bytes, args, l3), n_copies_for(dense_bytes, args, l3)
+    ours, dense = [ours0], [(w.clone(), b.clone())]
+    for i in range(1, max(n_ours, n_dense)):
+        if i < n_ours:
+            ours.append(clone_buffers(ours0))
+        if i < n_dense:
+            dense.append((w.clone(), b.clone()))
+    return {"ours": (ours, lambda m, x: m(x)), "dense": (dense, lambda c, x: F.linear(x, c[0], c[1]))}, lin
 
 
 LAYERS = {(384, 1536): "MiniLM FFN in", (1536, 384): "MiniLM FFN out", (768, 3072): "BERT-base FFN out",

@@ -91,7 +91,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   cpu::CsrArgs args{crow.data_ptr<int32_t>(), col.data_ptr(), col.scalar_type() == at::kShort, values.data_ptr(),
                     dt, K, nullptr, false, M, 0, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), N, dt};
   const bool avx512 = cpu::csr_avx512_active();
-  at::Tensor xf;  // the activations in float32, in the kernel's layout
+  at::Tensor xf;  // the activations in the kernel's layout and dtype (CsrArgs::x)
   auto* rows_fn = cpu::csr_rows_scalar;
   if (M == 0) {
     // Nothing to multiply: the columns are still checked, as every call checks them.
