@@ -19,6 +19,25 @@ def flat_input(layer: str, x: Tensor, K: int, dtype: torch.dtype) -> tuple[Tenso
     return (x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)).contiguous(), x.shape[:-1]
 
 
+def copy_bias(module: nn.Module, linear: nn.Linear, caller: str) -> None:
+    """linear's bias into module's (from_linear), refusing NaN or Inf."""
+    if linear.bias is not None:
+        if not bool(torch.isfinite(linear.bias).all()):
+            raise ValueError(f"{caller}: the layer's bias holds NaN or Inf")
+        module.bias.copy_(linear.bias.detach())
+
+
+def dense_linear(module: nn.Module) -> nn.Linear:
+    """The dense nn.Linear of a compressed layer (its dense_weight(), same dtype and device)."""
+    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                    device=module.values.device, dtype=module.values.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(module.dense_weight())
+        if module.bias is not None:
+            lin.bias.copy_(module.bias)
+    return lin
+
+
 def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tuple[Tensor, ...], what: str):
     """module._apply(fn) (apply: nn.Module's, bound) for a compressed layer: device moves and float
     casts (.half(), .to(torch.bfloat16)) reach values and bias alike; a conversion that would change

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
-from ._compressed import assign_problems, checked_apply, flat_input, float_problems
+from ._compressed import assign_problems, checked_apply, copy_bias, dense_linear, flat_input, float_problems
 from ..compress.prune import check_importance, prune_unstructured
 from ..formats import csr as csr_format
 
@@ -76,21 +76,12 @@ class CSRLinear(nn.Module):
         mod.crow.copy_(crow)
         mod._buffers["col"] = col
         mod._buffers["values"] = values
-        if linear.bias is not None:
-            if not bool(torch.isfinite(linear.bias).all()):
-                raise ValueError("CSRLinear.from_linear: the layer's bias holds NaN or Inf")
-            mod.bias.copy_(linear.bias.detach())
+        copy_bias(mod, linear, "CSRLinear.from_linear")
         return mod
 
     def to_linear(self) -> nn.Linear:
         """The dense nn.Linear of the stored weight (same dtype and device)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return dense_linear(self)
 
     def dense_weight(self) -> Tensor:
         """The (out_features, in_features) weight, expanded (a new tensor); the CSR is checked first."""

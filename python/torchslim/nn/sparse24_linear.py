@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
-from ._compressed import assign_problems, checked_apply, flat_input, float_problems
+from ._compressed import assign_problems, checked_apply, copy_bias, dense_linear, flat_input, float_problems
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -62,21 +62,12 @@ class Sparse24Linear(nn.Module):
         values, meta = sparse24_format.pack(prune_24(w, importance))
         mod.values.copy_(values)
         mod.metadata.copy_(meta)
-        if linear.bias is not None:
-            if not bool(torch.isfinite(linear.bias).all()):
-                raise ValueError("Sparse24Linear.from_linear: the layer's bias holds NaN or Inf")
-            mod.bias.copy_(linear.bias.detach())
+        copy_bias(mod, linear, "Sparse24Linear.from_linear")
         return mod
 
     def to_linear(self) -> nn.Linear:
         """The dense nn.Linear of the pruned weight (same dtype and device)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return dense_linear(self)
 
     def dense_weight(self) -> Tensor:
         """The (out_features, in_features) pruned weight, expanded (a new tensor); the metadata is
