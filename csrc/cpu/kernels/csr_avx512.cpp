@@ -93,13 +93,12 @@ void gather_row(const CsrArgs& a, int64_t n, int64_t m0, bool& ok) {
 
 template <Dtype W, bool C16>
 bool gather_rows(const CsrArgs& a, int64_t n0, int64_t n1) {
-  constexpr int kMB = 4;
+  constexpr int kMB = 3;  // the op calls this kernel for up to 3 rows of x (kGatherMaxRows)
   bool ok = true;
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
     for (; m + kMB <= a.M; m += kMB) gather_row<W, C16, kMB>(a, n, m, ok);
     switch (a.M - m) {
-      case 3: gather_row<W, C16, 3>(a, n, m, ok); break;
       case 2: gather_row<W, C16, 2>(a, n, m, ok); break;
       case 1: gather_row<W, C16, 1>(a, n, m, ok); break;
       default: break;

@@ -61,6 +61,28 @@ def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tu
         raise
 
 
+def tensor_problems(incoming: dict) -> list[str]:
+    """A checkpoint's entries for a compressed layer that are not tensors."""
+    return [f"{name}: expected a tensor, got {type(t).__name__}" for name, t in incoming.items()
+            if not isinstance(t, Tensor)]
+
+
+def bias_problems(incoming: dict, module: nn.Module) -> list[str]:
+    """A checkpoint's bias for a layer with one: a float tensor of shape (out_features,)."""
+    bias, N = incoming.get("bias"), module.out_features
+    if bias is not None and module.bias is not None and (bias.shape != (N,) or not bias.is_floating_point()):
+        return [f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}"]
+    return []
+
+
+def make_contiguous(module: nn.Module, names) -> None:
+    """After load_state_dict(assign=True), which takes the checkpoint's tensors themselves: the kernels
+    need them contiguous."""
+    for name in names:
+        if module._buffers.get(name) is not None:
+            module._buffers[name] = module._buffers[name].contiguous()
+
+
 def assign_problems(incoming: dict) -> list[str]:
     """With assign=True the checkpoint's tensors become the layer's buffers as they are: they must be
     on one device, and none may require grad (the compressed weight is a frozen buffer)."""

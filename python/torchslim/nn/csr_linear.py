@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
-from ._compressed import assign_problems, checked_apply, copy_bias, dense_linear, flat_input, float_problems
+from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
+                          float_problems, make_contiguous, tensor_problems)
 from ..compress.prune import check_importance, prune_unstructured
 from ..formats import csr as csr_format
 
@@ -136,9 +137,7 @@ class CSRLinear(nn.Module):
             self._buffers.clear()
             self._buffers.update(before)
         elif assign:  # the checkpoint's tensors themselves: the kernels need them contiguous
-            for name in incoming:
-                if self._buffers.get(name) is not None:
-                    self._buffers[name] = self._buffers[name].contiguous()
+            make_contiguous(self, incoming)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -151,8 +150,7 @@ _CSR_LINEAR = torch.ops.torchslim.csr_linear.default
 
 
 def _checkpoint_problems(incoming: dict, module: CSRLinear, assign: bool) -> list[str]:
-    problems = [f"{name}: expected a tensor, got {type(t).__name__}" for name, t in incoming.items()
-                if not isinstance(t, Tensor)]
+    problems = tensor_problems(incoming)
     if problems:
         return problems
     if assign:
@@ -170,9 +168,7 @@ def _checkpoint_problems(incoming: dict, module: CSRLinear, assign: bool) -> lis
         if assign and col.dtype != module.col.dtype:
             problems.append(f"col: assign=True takes the checkpoint's tensor as it is, but its dtype {col.dtype} is "
                             f"not the layer's {module.col.dtype} (load without assign)")
-    bias = incoming.get("bias")
-    if bias is not None and module.bias is not None and (bias.shape != (N,) or not bias.is_floating_point()):
-        problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+    problems += bias_problems(incoming, module)
     if problems:
         return problems
     return float_problems(incoming, module, assign)

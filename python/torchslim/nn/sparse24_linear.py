@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
-from ._compressed import assign_problems, checked_apply, copy_bias, dense_linear, flat_input, float_problems
+from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
+                          float_problems, make_contiguous, tensor_problems)
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -107,9 +108,7 @@ class Sparse24Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if assign:  # the checkpoint's tensors themselves: the kernels need them contiguous
-            for name in incoming:
-                if self._buffers.get(name) is not None:
-                    self._buffers[name] = self._buffers[name].contiguous()
+            make_contiguous(self, incoming)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -121,8 +120,7 @@ _SPARSE24_LINEAR = torch.ops.torchslim.sparse24_linear.default
 
 
 def _checkpoint_problems(incoming: dict, module: Sparse24Linear, assign: bool) -> list[str]:
-    problems = [f"{name}: expected a tensor, got {type(t).__name__}" for name, t in incoming.items()
-                if not isinstance(t, Tensor)]
+    problems = tensor_problems(incoming)
     if problems:
         return problems
     if assign:
@@ -136,9 +134,7 @@ def _checkpoint_problems(incoming: dict, module: Sparse24Linear, assign: bool) -
             problems.append(f"values must have shape {list(sparse24_format.shapes(N, K)[0])}, got {list(values.shape)}")
         else:
             problems += [p.replace("meta ", "metadata ", 1) for p in sparse24_format.check(values, meta, K)]
-    bias = incoming.get("bias")
-    if bias is not None and module.bias is not None and (bias.shape != (N,) or not bias.is_floating_point()):
-        problems.append(f"bias must be a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+    problems += bias_problems(incoming, module)
     if problems:
         return problems
     return float_problems(incoming, module, assign)
