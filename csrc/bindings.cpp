@@ -7,6 +7,7 @@
 
 #include "cpu/kernels/int8_gemm.h"
 #include "cpu/kernels/csr.h"
+#include "cpu/kernels/lowrank.h"
 #include "cpu/kernels/sparse24.h"
 
 namespace py = pybind11;
@@ -51,6 +52,11 @@ PYBIND11_MODULE(_C, m) {
   }, "The 2:4 CPU kernels the active instruction set selects: amx-bf16 + avx512, avx512 or scalar.");
   m.def("csr_cpu_kernels", [] { return std::string(csr_avx512_active() ? "avx512" : "scalar"); },
         "The CSR CPU kernels the active instruction set selects: avx512 or scalar.");
+  m.def("lowrank_cpu_kernels", [] {
+    const bool avx512 = lr_avx512_supported() && active_isa() >= Isa::Avx512Vnni;
+    const bool amx = active_isa() == Isa::Amx && lr_amx_supported();
+    return std::string(amx ? "amx-bf16 + avx512" : avx512 ? (lr_avx512_bf16_supported() ? "avx512-bf16" : "avx512") : "scalar");
+  }, "The low-rank CPU kernels the active instruction set selects: amx-bf16 + avx512, avx512-bf16, avx512 or scalar.");
   m.def("set_cpu_isa", [](const std::string& name) {
     switch (set_active_isa(name.c_str())) {
       case SetIsa::Ok: return;

@@ -25,4 +25,8 @@ TORCH_LIBRARY(torchslim, m) {
   // CSR sparse linear: x (M, K) float, the weight (N, K) as crow (N + 1,) int32, col (nnz,) int16|int32,
   // values (nnz,) x.dtype (the format of formats/csr.py), bias (N,) -> (M, N) x.dtype.
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias=None) -> Tensor");
+
+  // Low-rank linear in one kernel: (x V^T) U^T + bias, x (M, K) float, V (r, K) and U (N, r) x.dtype,
+  // bias (N,) -> (M, N) x.dtype; the (tokens, r) intermediate never leaves the kernel.
+  m.def("lowrank_linear(Tensor x, Tensor V, Tensor U, Tensor? bias=None) -> Tensor");
 }

@@ -29,6 +29,8 @@ def info() -> dict:
             "sparse24_linear": {"cpu": f"C++ ({_C.sparse24_cpu_kernels()})",
                                 "cuda": "Triton" if triton else "needs triton"},
             "csr_linear": {"cpu": f"C++ ({_C.csr_cpu_kernels()})", "cuda": "CUDA C++" if _C.cuda else "not built"},
+            "lowrank_linear": {"cpu": f"C++ ({_C.lowrank_cpu_kernels()})",
+                               "cuda": "Triton" if triton else "needs triton"},
         },
     }
 

@@ -145,6 +145,24 @@ def check_csr_linear_args(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, 
     _check(x.shape[1] < 2**31, lambda: f"{op}: K must be below 2**31, got {x.shape[1]}")
 
 
+def check_lowrank_linear_args(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None) -> None:
+    """Shapes, dtypes, devices and layouts of lowrank_linear's arguments."""
+    op = "lowrank_linear"
+    check_x(x, op)
+    for name, t in (("V", V), ("U", U)):
+        _check_device(t, name, x, op)
+        _check(t.dim() == 2, lambda: f"{op}: {name} must be 2-D, got shape {list(t.shape)}")
+        _check(t.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        _check(t.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
+    K, r, N = x.shape[1], V.shape[0], U.shape[0]
+    _check(V.shape[1] == K, lambda: f"{op}: V must have shape (r, {K}) for x of shape {list(x.shape)}, got {list(V.shape)}")
+    _check(U.shape[1] == r, lambda: f"{op}: U must have shape (N, {r}) for V of shape {list(V.shape)}, got {list(U.shape)}")
+    if bias is not None:
+        _check_device(bias, "bias", x, op)
+        _check(bias.dim() == 1 and bias.shape[0] == N, lambda: f"{op}: bias must have shape ({N},), got {list(bias.shape)}")
+        _check(bias.is_floating_point(), lambda: f"{op}: bias must be floating point, got {bias.dtype}")
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_per_token
 # ---------------------------------------------------------------------------------------------
@@ -279,3 +297,25 @@ def csr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
 def _(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
     check_csr_linear_args(x, crow, col, values, bias)
     return x.new_empty((x.shape[0], crow.shape[0] - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_linear
+# ---------------------------------------------------------------------------------------------
+def lowrank_linear(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Low-rank linear in one kernel: ``(x @ V.T) @ U.T + bias``. The intermediate t = x @ V.T
+    (M, r) is accumulated in float32 and rounded to x.dtype (as two F.linear calls round it), and
+    stays in registers / cache / shared memory: it is never written to memory. The output is
+    accumulated in float32 and rounded once to x.dtype.
+
+    x: (M, K) float32|bfloat16|float16, contiguous; V: (r, K) and U: (N, r) in x.dtype, contiguous;
+    bias: (N,) floating point (added in x.dtype, as F.linear does) or None; all on x's device.
+    Returns (M, N) in x.dtype. Differentiable w.r.t. x, V, U and bias.
+    """
+    return torch.ops.torchslim.lowrank_linear.default(x, V, U, bias)
+
+
+@torch.library.register_fake("torchslim::lowrank_linear")
+def _(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
+    check_lowrank_linear_args(x, V, U, bias)
+    return x.new_empty((x.shape[0], U.shape[0]))

@@ -68,3 +68,14 @@ def csr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
     if bias is not None:
         out = out + bias.to(x.dtype).double()
     return out
+
+
+def lowrank_linear(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference of ops.lowrank_linear in float64: (M, N). The intermediate x @ V.T is rounded to
+    x.dtype, as the op rounds it; the bias is rounded to x.dtype first, as the op (and F.linear)
+    adds it."""
+    t = (x.double() @ V.double().T).to(x.dtype).double()
+    out = t @ U.double().T
+    if bias is not None:
+        out = out + bias.to(x.dtype).double()
+    return out

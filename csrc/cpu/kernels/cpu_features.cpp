@@ -107,6 +107,19 @@ bool s24_amx_supported() {
   return yes;
 }
 
+bool lr_avx512_supported() { return isa_supported(Isa::Avx512Vnni); }
+
+bool lr_avx512_bf16_supported() { return csr_avx512_bf16_supported(); }
+
+bool lr_amx_supported() {
+  static const bool yes = [] {
+    uint32_t a, b, c, d;
+    return lr_avx512_bf16_supported() && isa_supported(Isa::Amx) && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+           bit(d, 22);  // AMX-BF16
+  }();
+  return yes;
+}
+
 Isa best_isa() {
   Isa best = Isa::Scalar;
   for (Isa isa : kAllIsas)

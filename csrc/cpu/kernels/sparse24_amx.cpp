@@ -52,48 +52,10 @@ inline void store_group(int g, float* c) {
 #undef S24_ZERO
 #undef S24_STORE
 
-// In-register transpose of a 16 x 16 float32 tile (rows r[0..15]) into its columns, in place:
-// unpack pairs, shuffle quads, then two rounds of 128-bit lane shuffles (64 shuffles, against 16
-// gathers of 16 scattered floats, which cost as much as the tile's multiplies at K = 384).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // per lane: a0 b0 a1 b1
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  //           a2 b2 a3 b3
-  }
-  for (int i = 0; i < 16; i += 4) {  // rows i..i+3, per lane: element c of each, c = 0..3
-    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {  // u[4q + c] lane L: rows 4q..4q+3 of column 4L + c
-    const __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    const __m512 x = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    r[c] = _mm512_shuffle_f32x4(v, x, 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(v, x, 0xDD);
-    r[4 + c] = _mm512_shuffle_f32x4(w, y, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(w, y, 0xDD);
-  }
-}
-
 }  // namespace
 
 void s24_prepare_x_amx(const uint16_t* x, int64_t ldx, int64_t M, int64_t K_pad, uint16_t* xv, int64_t mt0, int64_t mt1) {
-  // Tile (mt, ks) row kk, column j = the bf16 pair (k = 32 ks + 2 kk, + 1) of activation row 16 mt + j:
-  // the transpose of 16 rows x 16 pairs, as 32-bit lanes.
-  const int64_t steps = (K_pad + 31) / 32;
-  for (int64_t mt = mt0; mt < mt1; ++mt)
-    for (int64_t ks = 0; ks < steps; ++ks) {
-      __m512 rows[16];
-      for (int j = 0; j < 16; ++j) {
-        const int64_t m = mt * 16 + j;
-        rows[j] = m < M ? _mm512_loadu_ps(x + m * ldx + ks * 32) : _mm512_setzero_ps();
-      }
-      transpose16(rows);
-      float* tile = reinterpret_cast<float*>(xv + (mt * steps + ks) * 512);
-      for (int kk = 0; kk < 16; ++kk) _mm512_store_ps(tile + kk * 16, rows[kk]);
-    }
+  vnni_tiles_bf16(x, ldx, M, (K_pad + 31) / 32, xv, mt0, mt1);
 }
 
 namespace {
