@@ -45,6 +45,8 @@ ALL_ISAS = ["scalar", "avx2", "avx_vnni", "avx512_vnni", "amx"]
 SPARSE24_ISAS = ["scalar", "avx512_vnni", "amx"]
 # The CSR kernel paths: scalar (also under "avx2" and "avx_vnni") and AVX-512 (also under "amx").
 CSR_ISAS = ["scalar", "avx512_vnni"]
+# The low-rank kernel paths: scalar, AVX-512 and AMX (bfloat16; its other dtypes run the AVX-512 ones).
+LOWRANK_ISAS = ["scalar", "avx512_vnni", "amx"]
 
 
 def available_isas():
@@ -81,6 +83,12 @@ def csr_isa(request):
     yield from _run_on_isa(request.param)
 
 
+@pytest.fixture(params=LOWRANK_ISAS)
+def lowrank_isa(request):
+    """Runs a test once per low-rank kernel path this machine can execute."""
+    yield from _run_on_isa(request.param)
+
+
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: torch.Tensor | None = None,
                               float32_roundings: int = ROUNDINGS):
     """out (any float dtype) against a float64 reference, with the bound above. A float32 sum of n
@@ -88,12 +96,20 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, scale_mag: t
     larger than mag = sum |terms|: pass float32_roundings = n and scale_mag = that sum."""
     u = UNIT_ROUNDOFF[out.dtype]
     mag = ref.abs() if scale_mag is None else scale_mag
-    bound = u * ref.abs() + 2 * float32_roundings * UNIT_ROUNDOFF[torch.float32] * mag
-    bound = bound + HALF_SUBNORMAL_SPACING[out.dtype]  # absolute, for results below the normal range
+    assert_within(out, ref, u * ref.abs() + 2 * float32_roundings * UNIT_ROUNDOFF[torch.float32] * mag)
+
+
+def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor):
+    """|out - ref| <= bound elementwise (plus half the subnormal spacing of out's dtype: below the
+    normal range a rounding is absolute); where ref is NaN or infinite, out is the same."""
+    bound = bound + HALF_SUBNORMAL_SPACING[out.dtype]
     assert out.shape == ref.shape, (out.shape, ref.shape)
     if out.numel() == 0:
         return
-    err = (out.double() - ref).abs()
+    finite = torch.isfinite(ref)
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN where the reference has none, or none where it has"
+    assert torch.equal(out.double()[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()]), "infinities differ"
+    err = torch.where(finite, (out.double() - ref).abs(), torch.zeros_like(ref))
     excess = (err - bound).flatten()
     worst = int(excess.argmax())
     assert not bool((excess > 0).any()), (
@@ -181,5 +197,27 @@ def csr_linear_bad_inputs():
     yield "int bias", (x, crow, col, values, torch.ones(6, dtype=torch.int64)), "bias must be floating point"
     for i, name in ((1, "crow"), (2, "col"), (3, "values"), (4, "bias")):
         args = [x, crow, col, values, torch.ones(6)]
+        args[i] = args[i].to("meta")
+        yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"
+
+
+def lowrank_linear_bad_inputs():
+    """(name, args, message regex): bad arguments of lowrank_linear; every device's op rejects them alike."""
+    x, V, U, b = torch.randn(4, 40), torch.randn(6, 40), torch.randn(7, 6), torch.randn(7)
+    yield "3-D x", (x[None], V, U, b), "x must be 2-D"
+    yield "int x", (x.int(), V, U, b), "x must be float32, bfloat16 or float16"
+    yield "strided x", (torch.randn(40, 4).T, V, U, b), "x must be contiguous"
+    yield "V 1-D", (x, V.flatten(), U, b), "V must be 2-D"
+    yield "U 3-D", (x, V, U[None], b), "U must be 2-D"
+    yield "V dtype", (x, V.bfloat16(), U, b), "V must have x's dtype"
+    yield "U dtype", (x, V, U.half(), b), "U must have x's dtype"
+    yield "V strided", (x, torch.randn(40, 6).T, U, b), "V must be contiguous"
+    yield "U strided", (x, V, torch.randn(6, 7).T, b), "U must be contiguous"
+    yield "K of V", (x, torch.randn(6, 41), U, b), r"V must have shape \(r, 40\) for x of shape \[4, 40\], got \[6, 41\]"
+    yield "r of U", (x, V, torch.randn(7, 5), b), r"U must have shape \(N, 6\) for V of shape \[6, 40\], got \[7, 5\]"
+    yield "bias shape", (x, V, U, torch.ones(6)), r"bias must have shape \(7,\)"
+    yield "int bias", (x, V, U, torch.ones(7, dtype=torch.int64)), "bias must be floating point"
+    for i, name in ((1, "V"), (2, "U"), (3, "bias")):
+        args = [x, V, U, b]
         args[i] = args[i].to("meta")
         yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"

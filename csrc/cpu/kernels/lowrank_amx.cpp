@@ -36,12 +36,14 @@ inline void load_a(int tile_is_1, const LrAmxProduct& p, int64_t nb, int rows, i
 
 // Phase 1's epilogue: C tile c (16 rows of V = intermediate columns 16 h .. 16 h + 15 of step js, x 16
 // tokens) into rows 8 h .. 8 h + 7 of the intermediate's B tile: row i = the bfloat16 pairs of
-// C rows 2 i and 2 i + 1, token by token.
-inline void to_t_tile(const float* c, uint16_t* tile, int h) {
+// C rows 2 i and 2 i + 1, token by token. Rows from `rows` on (beyond V) are written as zeros, not
+// taken from C: there the zero padding of V met x, and 0 * Inf would put NaN into every output.
+inline void to_t_tile(const float* c, int rows, uint16_t* tile, int h) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int i = 0; i < 8; ++i) {
-    const __m512 lo = _mm512_load_ps(c + 2 * i * 16), hi = _mm512_load_ps(c + (2 * i + 1) * 16);
+    const __m512 lo = 2 * i < rows ? _mm512_load_ps(c + 2 * i * 16) : _mm512_setzero_ps();
+    const __m512 hi = 2 * i + 1 < rows ? _mm512_load_ps(c + (2 * i + 1) * 16) : _mm512_setzero_ps();
     const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     _mm512_store_si512(tile + (8 * h + i) * 32, pairs);
   }
@@ -104,8 +106,8 @@ void lr_amx_product(const LrAmxProduct& p, int64_t n0, int64_t n1) {
         for (int64_t t = mt; t <= mt1; ++t) {
           uint16_t* tile = p.t_tiles + (t * p.steps_out + js) * 512;
           const float* ct = c + (t - mt) * 256;
-          to_t_tile(ct, tile, 0);
-          to_t_tile(ct + 512, tile, 1);  // zero where the second block has no rows (tile 1 was zeroed)
+          to_t_tile(ct, rows0, tile, 0);
+          to_t_tile(ct + 512, rows1, tile, 1);
         }
       } else {
         to_out(p, c, nb, rows0, mt * 16);
