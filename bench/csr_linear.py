@@ -23,7 +23,6 @@ the ceiling of "vs bf16" (5x at 90%).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -37,8 +36,8 @@ import torchslim
 from torchslim.compress import prune_unstructured
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, cpu_flags, cpu_model, l3_bytes,  # noqa: E402
-                         loadavg, lock_memory, md_table, n_copies_for, rel_err)
+from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, describe_machine,  # noqa: E402
+                         md_table, rel_err, round_robin_copies)
 
 SPARSITIES = [0.5, 0.7, 0.9, 0.95]
 QUICK_SHAPES = [(4096, 4096), (384, 1536)]
@@ -80,15 +79,7 @@ def build(N: int, K: int, sparsity: float, args, l3: int) -> tuple[dict, nn.Line
         ws_bytes = nbytes(ws.crow_indices(), ws.col_indices(), ws.values(), lin.bias)
         makers["torch.sparse"] = ((ws, lin.bias[:, None].clone()), ws_bytes, lambda c: (c[0].clone(), c[1].clone()),
                                   lambda c, x: torch.addmm(c[1], c[0], x.T).T)
-    # The copies are made round-robin across the methods: on these VMs, memory allocated at one time
-    # can stream at half the speed of memory allocated at another (host page backing), and one method
-    # whose every copy came from such a stretch ran 2x slower through a whole case.
-    counts = {name: n_copies_for(b, args, l3) for name, (_, b, _, _) in makers.items()}
-    copies = {name: [first] for name, (first, _, _, _) in makers.items()}
-    for i in range(1, max(counts.values())):
-        for name, (first, _, clone, _) in makers.items():
-            if i < counts[name]:
-                copies[name].append(clone(first))
+    copies = round_robin_copies({name: (first, b, clone) for name, (first, b, clone, _) in makers.items()}, args, l3)
     specs = {name: (copies[name], call) for name, (_, _, _, call) in makers.items()}
     return specs, lin
 
@@ -104,15 +95,8 @@ def run(args) -> int:
                   else ([0.9] if args.quick else SPARSITIES))
     repeats = args.repeats or (5 if args.quick else 5)
     target_s = (args.target_ms or 30.0) / 1e3
-    l3, l3_src = l3_bytes()
-    machine = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "torchslim_cpu_isa": torchslim.cpu_isa(), "l3_bytes": l3,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "loadavg_before": loadavg(), "memory": lock_memory()}
-    print(f"CPU: {machine['cpu_model']}  flags: {' '.join(machine['cpu_flags'])}")
-    print(f"torch {torch.__version__}, threads {machine['threads']}, torchslim cpu_isa={torchslim.cpu_isa()}; "
-          f"L3 {l3 >> 20} MiB ({l3_src}), weights rotated over >= {args.rotate_factor:g} x L3 "
-          f"(cap {args.max_method_mb:g} MiB per method)\n", flush=True)
+    machine, l3 = describe_machine(args)
+    print(flush=True)
     rows, table = [], []
     for N, K in shapes:
         for s in sparsities:

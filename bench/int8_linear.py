@@ -231,6 +231,36 @@ def n_copies_for(copy_bytes: int, args, l3: int) -> int:
     return max(1, min(n, cap_mem, args.max_copies))
 
 
+def describe_machine(args, out=print) -> tuple[dict, int]:
+    """The run's machine record (CPU, flags, threads, torch, ISA, L3, date, load, memory lock) and the
+    L3 size weights are rotated beyond; prints the header the sparse and low-rank benchmarks share."""
+    l3, l3_src = l3_bytes()
+    machine = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "torchslim_cpu_isa": torchslim.cpu_isa(), "l3_bytes": l3,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "loadavg_before": loadavg(), "memory": lock_memory()}
+    out(f"CPU: {machine['cpu_model']}  flags: {' '.join(machine['cpu_flags'])}")
+    out(f"torch {torch.__version__}, threads {machine['threads']}, torchslim cpu_isa={torchslim.cpu_isa()}; "
+        f"L3 {l3 >> 20} MiB ({l3_src}), weights rotated over >= {args.rotate_factor:g} x L3 "
+        f"(cap {args.max_method_mb:g} MiB per method)")
+    return machine, l3
+
+
+def round_robin_copies(makers: dict, args, l3: int) -> dict[str, list]:
+    """name -> the copies of each method's weight: makers maps name -> (first copy, its bytes,
+    clone(copy)); each method gets n_copies_for its bytes. The copies are made round-robin across the
+    methods: on these VMs, memory allocated at one time can stream at half the speed of memory
+    allocated at another (host page backing), and one method whose every copy came from such a stretch
+    ran 2x slower through a whole case."""
+    counts = {name: n_copies_for(b, args, l3) for name, (_, b, _) in makers.items()}
+    copies = {name: [first] for name, (first, _, _) in makers.items()}
+    for i in range(1, max(counts.values())):
+        for name, (first, _, clone) in makers.items():
+            if i < counts[name]:
+                copies[name].append(clone(first))
+    return copies
+
+
 def build_methods(N: int, K: int, args, l3: int):
     """Returns (lin, specs, build seconds per method); specs: name -> (copies, call(copy, x),
     weight-side bytes per copy, activation element bytes, ceiling key)."""

@@ -27,7 +27,6 @@ alternation exposes both to the same conditions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -42,8 +41,8 @@ import torchslim
 from torchslim.compress import prune_24
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, cpu_flags, cpu_model, l3_bytes,  # noqa: E402
-                         loadavg, lock_memory, md_table, n_copies_for, rel_err)
+from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, describe_machine,  # noqa: E402
+                         md_table, rel_err, round_robin_copies)
 
 QUICK_SHAPES = [(384, 1536), (4096, 4096)]
 QUICK_MS = [1, 16, 128]
@@ -68,15 +67,10 @@ def copies_for(N: int, K: int, dtype: torch.dtype, args, l3: int) -> tuple[dict,
     ours_bytes = sum(t.numel() * t.element_size() for t in (ours0.values, ours0.metadata, ours0.bias))
     dense_bytes = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias))
     w, b = lin.weight.detach(), lin.bias.detach()
-    # Copies made round-robin (see bench/csr_linear.py build(): memory allocated at one time can stream
-    # at half the speed of memory allocated at another on these VMs).
-    n_ours, n_dense = n_copies_for(ours_bytes, args, l3), n_copies_for(dense_bytes, args, l3)
-    ours, dense = [ours0], [(w.clone(), b.clone())]
-    for i in range(1, max(n_ours, n_dense)):
-        if i < n_ours:
-            ours.append(clone_buffers(ours0))
-        if i < n_dense:
-            dense.append((w.clone(), b.clone()))
+    copies = round_robin_copies({"ours": (ours0, ours_bytes, clone_buffers),
+                                 "dense": ((w.clone(), b.clone()), dense_bytes, lambda c: (c[0].clone(), c[1].clone()))},
+                                args, l3)
+    ours, dense = copies["ours"], copies["dense"]
     return {"ours": (ours, lambda m, x: m(x)), "dense": (dense, lambda c, x: F.linear(x, c[0], c[1]))}, lin
 
 
@@ -180,15 +174,7 @@ def main(argv=None) -> int:
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (QUICK_MS if args.quick else FULL_MS)
     repeats = args.repeats or (5 if args.quick else 7)
     target_s = (args.target_ms or (30.0 if args.quick else 50.0)) / 1e3
-    l3, l3_src = l3_bytes()
-    machine = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "torchslim_cpu_isa": torchslim.cpu_isa(), "l3_bytes": l3,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "loadavg_before": loadavg(), "memory": lock_memory()}
-    print(f"CPU: {machine['cpu_model']}  flags: {' '.join(machine['cpu_flags'])}")
-    print(f"torch {torch.__version__}, threads {machine['threads']}, torchslim cpu_isa={torchslim.cpu_isa()}; "
-          f"L3 {l3 >> 20} MiB ({l3_src}), weights rotated over >= {args.rotate_factor:g} x L3 "
-          f"(cap {args.max_method_mb:g} MiB per method)")
+    machine, l3 = describe_machine(args)
     print("Speedup = t(dense) / t(Sparse24Linear), same dtype, same pruned weight.\n", flush=True)
     if args.per_call:
         rows = per_call(shapes, [d for d in args.dtypes.split(",") if d], args, l3)

@@ -9,8 +9,9 @@ from . import _C  # registers the op schemas and the CPU (and CUDA) kernels
 from . import ops  # the typed wrappers and fakes
 from . import _cuda_registration  # registers the Triton kernels for CUDA where Triton is installed
 from ._info import info
-from .nn import CSRLinear, Int8Linear, Sparse24Linear
-from .patch import CSRConfig, Int8Config, PatchReport, Sparse24Config, patch_model, unpatch_model
+from .nn import CSRLinear, Int8Linear, LowRankLinear, Sparse24Linear
+from .patch import (CSRConfig, Int8Config, LowRankConfig, PatchReport, Sparse24Config, patch_model,
+                    unpatch_model)
 
 __version__ = _C.__version__
 set_cpu_isa = _C.set_cpu_isa
@@ -46,6 +47,8 @@ __all__ = [
     "CSRLinear",
     "Int8Config",
     "Int8Linear",
+    "LowRankConfig",
+    "LowRankLinear",
     "PatchReport",
     "Sparse24Config",
     "Sparse24Linear",

@@ -7,12 +7,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .nn import CSRLinear, Int8Linear, Sparse24Linear
+from .nn import CSRLinear, Int8Linear, LowRankLinear, Sparse24Linear
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 # Modules patch_model creates, so unpatch_model knows what to turn back into nn.Linear.
-_PATCHED_TYPES = (Int8Linear, Sparse24Linear, CSRLinear)
+_PATCHED_TYPES = (Int8Linear, Sparse24Linear, CSRLinear, LowRankLinear)
 
 
 @dataclass
@@ -117,6 +117,72 @@ class CSRConfig:
         return CSRLinear.from_linear(linear, sparsity=self.sparsity, importance=importance)
 
 
+@dataclass
+class LowRankConfig:
+    """Low rank (LowRankLinear): W ~ U V by truncated SVD, one fused kernel for (x V^T) U^T + b.
+
+    The rank of every layer comes from exactly one of: rank (the same r everywhere); param_ratio, the
+    fraction of each layer's parameters kept (r = floor(param_ratio * N K / (N + K))); energy, the
+    fraction of each weight's squared singular values kept. None of them: param_ratio=0.5. A layer at
+    whose rank low rank saves nothing (r >= N K / (N + K)) is refused (leave it out with filter_fn).
+    whitening maps converted layers' fully qualified names (any of them, for a shared layer) to their
+    input covariance (in_features, in_features), collected by compress.InputCovariance over calibration
+    batches: those layers get the activation-aware (whitened, SVD-LLM) decomposition, which keeps the
+    output error on such inputs far below plain SVD's. filter_fn(module, fqn) -> bool chooses the layers
+    (default: all).
+    """
+
+    rank: int | None = None
+    param_ratio: float | None = None
+    energy: float | None = None
+    whitening: dict = field(default_factory=dict)
+    filter_fn: FilterFn | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("rank", "param_ratio", "energy") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"LowRankConfig: give one of rank, param_ratio and energy, got {', '.join(given)}")
+        if not given:
+            self.param_ratio = 0.5
+        # Checked here so that a bad value fails before any layer is decomposed (choose_rank checks
+        # each layer's rank against its shape).
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"LowRankConfig: rank must be an int >= 1, got {self.rank!r}")
+        if self.param_ratio is not None and not _number_in(self.param_ratio, 0, 1, closed=False):
+            raise ValueError(f"LowRankConfig: param_ratio must be a number in (0, 1), got {self.param_ratio!r}")
+        if self.energy is not None and not _number_in(self.energy, 0, 1, closed=True):
+            raise ValueError(f"LowRankConfig: energy must be a number in (0, 1], got {self.energy!r}")
+        if not isinstance(self.whitening, dict):
+            raise TypeError("LowRankConfig: whitening must be a dict {layer name: (in_features, in_features) "
+                            f"covariance}}, got {type(self.whitening).__name__}")
+        not_tensors = sorted(name for name, v in self.whitening.items() if not isinstance(v, torch.Tensor))
+        if not_tensors:
+            raise TypeError(f"LowRankConfig: whitening values must be tensors; not for {', '.join(not_tensors)}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError("filter_fn must be callable(module, fqn) -> bool")
+
+    def unused_names(self, converted: list[str]) -> set[str]:
+        """Covariances given for layers patch_model does not convert: refused, not ignored."""
+        return set(self.whitening) - set(converted)
+
+    def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
+        """The LowRankLinear of linear, reachable in the model under names."""
+        given = [name for name in names if name in self.whitening]
+        if any(not torch.equal(self.whitening[n], self.whitening[given[0]]) for n in given[1:]):
+            raise ValueError(f"LowRankConfig.whitening gives the shared layer {names[0]} several covariances "
+                             f"(under {', '.join(given)})")
+        try:
+            return LowRankLinear.from_linear(linear, rank=self.rank, param_ratio=self.param_ratio, energy=self.energy,
+                                             whitening=self.whitening[given[0]] if given else None)
+        except ValueError as e:
+            raise ValueError(f"LowRankConfig, layer {names[0]} ({linear.out_features} x {linear.in_features}): {e}") from e
+
+
+def _number_in(v, lo: float, hi: float, closed: bool) -> bool:
+    """Whether v is a (non-bool) number in (lo, hi), or (lo, hi] when closed."""
+    return (not isinstance(v, bool) and isinstance(v, (int, float)) and lo < v and (v <= hi if closed else v < hi))
+
+
 def _check_importance_dict(importance, method: str, config: str) -> None:
     if not isinstance(importance, dict):
         raise TypeError(f"{config}: importance must be a dict {{layer name: (in_features,) tensor}}, "
@@ -143,8 +209,8 @@ def _layer_importance(importance: dict, method: str, names: tuple[str, ...], con
     return first
 
 
-_SHORTCUTS = {"int8": Int8Config, "2:4": Sparse24Config, "csr": CSRConfig}
-_CONFIG_TYPES = (Int8Config, Sparse24Config, CSRConfig)
+_SHORTCUTS = {"int8": Int8Config, "2:4": Sparse24Config, "csr": CSRConfig, "lowrank": LowRankConfig}
+_CONFIG_TYPES = (Int8Config, Sparse24Config, CSRConfig, LowRankConfig)
 
 
 @dataclass
@@ -186,7 +252,7 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _resolve_config(config) -> Int8Config | Sparse24Config | CSRConfig:
+def _resolve_config(config) -> Int8Config | Sparse24Config | CSRConfig | LowRankConfig:
     if isinstance(config, str):
         if config not in _SHORTCUTS:
             raise ValueError(f"unknown method {config!r}; known: {sorted(_SHORTCUTS)}")
@@ -236,11 +302,13 @@ def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Modul
         raise
 
 
-def patch_model(model: nn.Module, config: str | Int8Config | Sparse24Config | CSRConfig, filter_fn: FilterFn | None = None) -> PatchReport:
+def patch_model(model: nn.Module, config: str | Int8Config | Sparse24Config | CSRConfig | LowRankConfig,
+                filter_fn: FilterFn | None = None) -> PatchReport:
     """Swaps, in place, every nn.Linear of model that the filter accepts for the module of config.
 
     config: a config dataclass or a shortcut string ("int8", "2:4" = magnitude 2:4, "csr" = CSR of each
-    weight's own zeros, no pruning: CSRConfig(sparsity=...) prunes). filter_fn(module, fqn), if given,
+    weight's own zeros, no pruning: CSRConfig(sparsity=...) prunes; "lowrank" = plain SVD keeping half of
+    each layer's parameters). filter_fn(module, fqn), if given,
     overrides config.filter_fn. A layer reachable under several names (shared) becomes one
     compressed module at every site; the filter must then accept all its names or none. Every
     layer is converted before any is swapped, so a failure leaves the model unchanged. A model

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .calibration import _LinearInputHooks
+
 
 def prune_24(w: Tensor, importance: Tensor | None = None) -> Tensor:
     """The 2:4 pruned copy of w (N, K): in every group of four consecutive columns of a row, the two
@@ -78,43 +80,21 @@ def check_importance(importance, K: int, caller: str, need_values: bool = False)
     return importance
 
 
-class InputNorms:
+class InputNorms(_LinearInputHooks):
     """Collects the L2 norm of every input feature of the given nn.Linear layers over the batches
     run while it is active: ``with InputNorms(model) as norms: model(batch) ...``, then
     ``norms.result()`` maps each layer's name to its (in_features,) float64 norms (Wanda's importance;
     float64, as the sums are kept, so large activations do not overflow).
     filter_fn(module, fqn) chooses the layers (default: every nn.Linear)."""
 
-    def __init__(self, model: nn.Module, filter_fn=None) -> None:
-        keep = filter_fn or (lambda module, fqn: True)
-        self._layers = {fqn: m for fqn, m in model.named_modules() if type(m) is nn.Linear and keep(m, fqn)}
-        self._sums: dict[str, Tensor] = {}
-        self._handles = []
+    def _update(self, state: Tensor | None, x: Tensor) -> Tensor:
+        sq = x.double().square().sum(0)  # (in_features,) sum of squares
+        return sq if state is None else state + sq
 
-    def _hook(self, fqn: str):
-        def hook(module, args, kwargs):
-            x = (args[0] if args else kwargs["input"]).detach()  # nn.Linear.forward(input)
-            if x.dim() == 0 or x.shape[-1] != module.in_features:
-                return  # the layer's forward refuses this input; it is no calibration data
-            sq = x.reshape(-1, x.shape[-1]).double().square().sum(0)
-            self._sums[fqn] = self._sums[fqn] + sq if fqn in self._sums else sq
-        return hook
-
-    def __enter__(self) -> "InputNorms":
-        self._handles = [m.register_forward_pre_hook(self._hook(fqn), with_kwargs=True)
-                         for fqn, m in self._layers.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def _finish(self, state: Tensor) -> Tensor:
+        return state.sqrt()
 
     def result(self, require_all: bool = True) -> dict[str, Tensor]:
         """fqn -> (in_features,) float64 norms. A layer no batch reached is an error, or (with
         require_all=False) left out."""
-        missing = sorted(set(self._layers) - set(self._sums))
-        if missing and require_all:
-            raise RuntimeError(f"InputNorms: no batch reached {', '.join(missing)}; run the model inside the with block")
-        return {fqn: s.sqrt() for fqn, s in self._sums.items()}
-
+        return super().result(require_all)

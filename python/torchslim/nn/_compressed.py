@@ -27,10 +27,12 @@ def copy_bias(module: nn.Module, linear: nn.Linear, caller: str) -> None:
         module.bias.copy_(linear.bias.detach())
 
 
-def dense_linear(module: nn.Module) -> nn.Linear:
-    """The dense nn.Linear of a compressed layer (its dense_weight(), same dtype and device)."""
+def dense_linear(module: nn.Module, weight: str = "values") -> nn.Linear:
+    """The dense nn.Linear of a compressed layer (its dense_weight(), with the dtype and device of its
+    float weight buffer `weight`)."""
+    ref = module._buffers[weight]
     lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                    device=module.values.device, dtype=module.values.dtype)
+                    device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         lin.weight.copy_(module.dense_weight())
         if module.bias is not None:
@@ -38,17 +40,20 @@ def dense_linear(module: nn.Module) -> nn.Linear:
     return lin
 
 
-def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tuple[Tensor, ...], what: str):
+def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tuple[Tensor, ...], what: str,
+                  weight: str = "values"):
     """module._apply(fn) (apply: nn.Module's, bound) for a compressed layer: device moves and float
-    casts (.half(), .to(torch.bfloat16)) reach values and bias alike; a conversion that would change
-    an integer index buffer (what names them), or make the values a dtype the kernels lack, is
-    refused before a buffer changes; a failure part-way restores every buffer."""
+    casts (.half(), .to(torch.bfloat16)) reach its float buffers and bias alike; a conversion that
+    would change an integer index buffer (what names them), or make the float weight buffer `weight`
+    a dtype the kernels lack, is refused before a buffer changes; a failure part-way restores every
+    buffer."""
     name = type(module).__name__
-    device = module.values.device
+    ref = module._buffers[weight]
+    device = ref.device
     for t in index_buffers:
         if fn(torch.empty(0, dtype=t.dtype, device=device)).dtype != t.dtype:
             raise TypeError(f"{name}: this conversion would change the {what}; use to_linear() first")
-    probe = fn(torch.empty(0, dtype=module.values.dtype, device=device))
+    probe = fn(torch.empty(0, dtype=ref.dtype, device=device))
     if probe.dtype not in FLOATS:
         raise TypeError(f"{name}: this conversion would make the weight {probe.dtype}; {name} runs on "
                         "float32, bfloat16 or float16")
