@@ -58,7 +58,8 @@ ASAN_VENV ?= .venv-asan
 ASAN_BIN := $(ASAN_VENV)/bin
 SANITIZE_TESTS ?= test_int8_linear.py test_int8_bad_inputs.py test_formats_int8.py test_int8_module.py \
 	test_sparse24_linear.py test_formats_sparse24.py test_sparse24_module.py \
-	test_csr_linear.py test_formats_csr.py test_csr_module.py
+	test_csr_linear.py test_formats_csr.py test_csr_module.py \
+	test_lowrank_linear.py test_lowrank_module.py
 
 $(ASAN_BIN)/python:
 	$(PY) -m venv $(ASAN_VENV)

@@ -105,7 +105,8 @@ def test_a_bare_linear_is_refused():
 
 
 def test_bad_config_is_a_clear_error():
-    with pytest.raises(TypeError, match="config must be one of \\['2:4', 'csr', 'int8'\\] or a config \\(Int8Config, Sparse24Config, CSRConfig\\), got None"):
+    with pytest.raises(TypeError, match="config must be one of \\['2:4', 'csr', 'int8', 'lowrank'\\] or a config "
+                       "\\(Int8Config, Sparse24Config, CSRConfig, LowRankConfig\\), got None"):
         patch_model(TinyBlock(), None)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         patch_model("model", "int8")

@@ -19,6 +19,7 @@ from .ops import (
     _FLOATS,
     check_int8_linear_args,
     check_int8_linear_packed_args,
+    check_lowrank_linear_args,
     check_sparse24_linear_args,
 )
 
@@ -104,3 +105,21 @@ def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor 
 
 if triton_available():
     torch.library.register_kernel("torchslim::sparse24_linear", "cuda", _sparse24_linear_cuda)
+
+
+def _lowrank_linear_cuda(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
+    # The same checks, in the same words, as the CPU op and the fake.
+    check_lowrank_linear_args(x, V, U, bias)
+    from torchslim.triton_kernels.lowrank_linear import MAX_R, lowrank_matmul
+
+    # The kernel keeps the (rows, r) intermediate on chip, which bounds r (the CPU op has no bound).
+    r, max_r = V.shape[0], MAX_R[x.dtype]
+    torch._check(r <= max_r, lambda: f"lowrank_linear: r={r} exceeds {max_r}, the largest rank of the CUDA "
+                                     f"kernel for {x.dtype} x (its intermediate must stay on chip)")
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()  # as F.linear adds it: rounded to x's dtype first
+    return lowrank_matmul(x, V, U, bias)
+
+
+if triton_available():
+    torch.library.register_kernel("torchslim::lowrank_linear", "cuda", _lowrank_linear_cuda)

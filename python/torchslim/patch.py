@@ -142,8 +142,6 @@ class LowRankConfig:
         given = [name for name in ("rank", "param_ratio", "energy") if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"LowRankConfig: give one of rank, param_ratio and energy, got {', '.join(given)}")
-        if not given:
-            self.param_ratio = 0.5
         # Checked here so that a bad value fails before any layer is decomposed (choose_rank checks
         # each layer's rank against its shape).
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
@@ -168,12 +166,14 @@ class LowRankConfig:
     def convert(self, linear: nn.Linear, names: tuple[str, ...]) -> nn.Module:
         """The LowRankLinear of linear, reachable in the model under names."""
         given = [name for name in names if name in self.whitening]
-        if any(not torch.equal(self.whitening[n], self.whitening[given[0]]) for n in given[1:]):
+        first = self.whitening[given[0]] if given else None
+        if any(self.whitening[n].device != first.device or not torch.equal(self.whitening[n], first) for n in given[1:]):
             raise ValueError(f"LowRankConfig.whitening gives the shared layer {names[0]} several covariances "
                              f"(under {', '.join(given)})")
+        default = self.rank is None and self.param_ratio is None and self.energy is None
         try:
-            return LowRankLinear.from_linear(linear, rank=self.rank, param_ratio=self.param_ratio, energy=self.energy,
-                                             whitening=self.whitening[given[0]] if given else None)
+            return LowRankLinear.from_linear(linear, rank=self.rank, energy=self.energy,
+                                             param_ratio=0.5 if default else self.param_ratio, whitening=first)
         except ValueError as e:
             raise ValueError(f"LowRankConfig, layer {names[0]} ({linear.out_features} x {linear.in_features}): {e}") from e
 

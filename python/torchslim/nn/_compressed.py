@@ -67,9 +67,11 @@ def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tu
 
 
 def tensor_problems(incoming: dict) -> list[str]:
-    """A checkpoint's entries for a compressed layer that are not tensors."""
-    return [f"{name}: expected a tensor, got {type(t).__name__}" for name, t in incoming.items()
-            if not isinstance(t, Tensor)]
+    """A checkpoint's entries for a compressed layer that are not (dense, strided) tensors: the later
+    checks and the kernels read a sparse tensor's values as if it were dense."""
+    return [f"{name}: expected a tensor, got {type(t).__name__}" if not isinstance(t, Tensor) else
+            f"{name}: expected a dense (strided) tensor, got layout {t.layout}"
+            for name, t in incoming.items() if not isinstance(t, Tensor) or t.layout != torch.strided]
 
 
 def bias_problems(incoming: dict, module: nn.Module) -> list[str]:

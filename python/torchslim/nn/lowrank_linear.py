@@ -51,7 +51,8 @@ class LowRankLinear(nn.Module):
         whitening: the layer's input covariance (in_features, in_features), sum x^T x / tokens over
         calibration data (compress.InputCovariance collects it), for the activation-aware SVD that
         minimizes the output error on those inputs rather than the weight error (SVD-LLM). The layer's
-        dtype is kept. A meta-device linear gives a meta module (needs rank or param_ratio)."""
+        dtype is kept. A meta-device linear gives a meta module (needs rank or param_ratio; a whitening
+        given is checked, (in_features, in_features), though there are no values to whiten)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LowRankLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -59,16 +60,19 @@ class LowRankLinear(nn.Module):
             raise TypeError(f"LowRankLinear.from_linear: the layer is {w.dtype}; LowRankLinear computes in "
                             "float32, bfloat16 or float16: convert the model first")
         N, K = w.shape
+        caller = "LowRankLinear.from_linear"
         if w.is_meta:
+            if whitening is not None:  # no values to whiten, but a covariance of another layer is a mistake
+                lowrank_compress.check_covariance(whitening, K, caller)
             if energy is not None:
                 raise ValueError("LowRankLinear.from_linear: energy needs the weight's singular values, and a "
                                  "meta-device layer has none; give rank or param_ratio")
-            r = lowrank_compress.choose_rank(N, K, rank=rank, param_ratio=param_ratio,
-                                             caller="LowRankLinear.from_linear")
+            r = lowrank_compress.choose_rank(N, K, rank=rank, param_ratio=param_ratio, caller=caller)
             return cls(K, N, r, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
         if not bool(torch.isfinite(w).all()):
             raise ValueError("LowRankLinear.from_linear: the layer's weight holds NaN or Inf")
-        U, V = lowrank_compress.svd_factors(w, rank=rank, param_ratio=param_ratio, energy=energy, covariance=whitening)
+        U, V = lowrank_compress.svd_factors(w, rank=rank, param_ratio=param_ratio, energy=energy, covariance=whitening,
+                                            caller=caller)
         mod = cls(K, N, V.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
         mod.U.copy_(U)
         mod.V.copy_(V)
@@ -114,10 +118,14 @@ class LowRankLinear(nn.Module):
             error_msgs.extend(f"{prefix}{p}" for p in problems)
             return
         before, errors = dict(self._buffers), len(error_msgs)
+        # nn.Module's loader copies into the buffers in place and goes on past a copy that fails: it
+        # gets fresh ones (V and U of the checkpoint's rank), so that a failure leaves ours untouched.
         if "V" in incoming:
             r = incoming["V"].shape[0]
             self._buffers["V"] = self.V.new_empty(r, self.in_features)
             self._buffers["U"] = self.U.new_empty(self.out_features, r)
+        if "bias" in incoming and self.bias is not None:
+            self._buffers["bias"] = torch.empty_like(self.bias)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if len(error_msgs) > errors:
