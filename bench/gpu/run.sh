@@ -4,12 +4,13 @@
 #   1. build and install torchslim with its CUDA kernels against the installed torch,
 #   2. the GPU tests (pytest -m gpu), then the rest of the suite (-m "not gpu"),
 #   3. the int8_linear GPU benchmark, 4. the sparse24_linear GPU benchmark, 5. the csr_linear GPU
-#      benchmark; their tables of ratios are the last things printed.
+#      benchmark, 6. the lowrank_linear GPU benchmark; their tables of ratios are the last things printed.
 # Logs and the benchmark JSON go to bench/results/ and, when $OUT is set, to $OUT as well.
 # A failing test step does not stop the benchmark; the exit status is non-zero if any step failed.
 #
-#   bash bench/gpu/run.sh            # ~9-10 min on an H200 (steps have time limits: 16.5 min at most;
-#                                    # the sparse24 and csr benchmarks start no new case after 90 s)
+#   bash bench/gpu/run.sh            # ~10-11 min on an H200 (steps have time limits: 18 min at most;
+#                                    # the sparse24 and csr benchmarks start no new case after 90 s,
+#                                    # the lowrank one after 60 s)
 #   QUICK=1 bash bench/gpu/run.sh    # benchmarks on two shapes only
 set -uo pipefail
 
@@ -101,15 +102,25 @@ rccsr=${PIPESTATUS[0]}
 keep "$LOGS/bench_csr.log"
 [ $rccsr -eq 0 ] || status=1
 
+# ---- 6. lowrank benchmark ---------------------------------------------------------------------
+note "lowrank_linear GPU benchmark"
+(cd /tmp && timeout 90 "$PY" "$ROOT/bench/gpu/bench_lowrank_linear_gpu.py" ${bench_args[@]+"${bench_args[@]}"} \
+  --budget-s 60 --out "$ROOT/bench/results/lowrank_linear_gpu.json") 2>&1 | tee "$LOGS/bench_lowrank.log"
+rclr=${PIPESTATUS[0]}
+keep "$LOGS/bench_lowrank.log"
+[ $rclr -eq 0 ] || status=1
+
 echo
 note "summary"
 for line in "${summary[@]}"; do echo "  $line"; done
 [ $rc -eq 0 ] || echo "  bench: FAILED (rc=$rc)"
 [ $rc24 -eq 0 ] || echo "  bench sparse24: FAILED (rc=$rc24)"
 [ $rccsr -eq 0 ] || echo "  bench csr: FAILED (rc=$rccsr)"
+[ $rclr -eq 0 ] || echo "  bench lowrank: FAILED (rc=$rclr)"
 echo
 # The tables of ratios again, so that they are the last thing this script prints.
-for log in "$LOGS/bench.log:int8_linear" "$LOGS/bench_sparse24.log:sparse24_linear" "$LOGS/bench_csr.log:csr_linear"; do
+for log in "$LOGS/bench.log:int8_linear" "$LOGS/bench_sparse24.log:sparse24_linear" "$LOGS/bench_csr.log:csr_linear" \
+           "$LOGS/bench_lowrank.log:lowrank_linear"; do
   file=${log%%:*}
   name=${log##*:}
   if grep -q "^$name on " "$file"; then
