@@ -85,7 +85,7 @@ def test_empty_dimensions(lowrank_isa, shape):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("M", [1, 3, 40, 70, 130])
 def test_nonfinite_inputs_give_the_references_nonfinites(lowrank_isa, dtype, M):
     x, V, U, bias = make_case(M, 50, 70, 9, dtype, dtype, 3)
     x[0, 5] = float("inf")

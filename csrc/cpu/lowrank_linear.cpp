@@ -5,6 +5,8 @@
 // between the two and is reused by every chunk: it is never a tensor in memory. Three kernels:
 //  - bfloat16 with AMX, from kAmxMinRows rows: tile multiplies, t kept in the tile layout the second
 //    product reads (kernels/lowrank_amx.cpp);
+//  - float32 and float16 from kGemmMinRows rows, where compute dominates: ATen's GEMM (oneDNN) for both
+//    products of each chunk, t in L2 between them;
 //  - otherwise AVX-512 register blocks (vdpbf16ps for bfloat16 where the CPU has it), or the portable
 //    kernel where the active ISA has no AVX-512.
 #include <ATen/ATen.h>
@@ -124,6 +126,27 @@ void lowrank_rows(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U,
   }
 }
 
+// float32 and float16 from kGemmMinRows rows: ATen's GEMM (oneDNN) for both products of each chunk of
+// kGemmChunkTokens tokens, t (in x's dtype, at most 1 MiB at r = 1024) staying in L2 between them.
+// There compute dominates, and the register kernels reach only 0.6-0.8x of oneDNN's float32 GEMM
+// (measured on 4096 x 4096, r = 1024: 0.77x two F.linear calls at M = 128, 0.61x at M = 512; this way
+// 1.0x and 0.93x). bfloat16 has the AMX kernel, or (without AMX) the vdpbf16ps register kernel.
+constexpr int64_t kGemmMinRows = 64;
+constexpr int64_t kGemmChunkTokens = 256;
+
+void lowrank_gemm(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U, const at::Tensor& bias_x,
+                  at::Tensor& out) {
+  const int64_t M = x.size(0);
+  at::Tensor t = at::empty({std::min(M, kGemmChunkTokens), V.size(0)}, x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += kGemmChunkTokens) {
+    const int64_t mc = std::min(kGemmChunkTokens, M - m0);
+    at::Tensor tc = t.narrow(0, 0, mc), oc = out.narrow(0, m0, mc);
+    at::mm_out(tc, x.narrow(0, m0, mc), V.t());
+    if (bias_x.defined()) at::addmm_out(oc, bias_x, tc, U.t());
+    else at::mm_out(oc, tc, U.t());
+  }
+}
+
 at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U,
                               const std::optional<at::Tensor>& bias) {
   const char* op = "lowrank_linear";
@@ -144,6 +167,8 @@ at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& V, const at
   if (x.scalar_type() == at::kBFloat16 && M >= kAmxMinRows && cpu::active_isa() == cpu::Isa::Amx &&
       cpu::lr_amx_supported())
     lowrank_amx(x, V, U, bias_ptr, out);
+  else if (x.scalar_type() != at::kBFloat16 && M >= kGemmMinRows)
+    lowrank_gemm(x, V, U, bias_x, out);
   else
     lowrank_rows(x, V, U, bias_ptr, out, avx512);
   return out;
