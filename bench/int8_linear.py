@@ -103,17 +103,24 @@ def cpu_flags() -> list[str]:
 
 
 def lock_memory() -> str:
-    """mlockall(MCL_CURRENT | MCL_FUTURE) where the process may. These machines run DAMON with a
-    pageout scheme (kdamond, physical addresses): it unmaps the rotated weight copies while they sit
-    cold between a method's loops, and the next pass minor-faults them back, one fault per 4 KiB
-    page (the sys time of a run, and swings of up to 2x between identical loops, measured on the CSR
-    benchmark). Locked pages are left alone. Returns "locked" or why not."""
+    """Two settings of the process's memory that benchmarks on these VMs need, applied where the process
+    may; returns what was done.
+    - mlockall(MCL_CURRENT | MCL_FUTURE): these machines run DAMON with a pageout scheme (kdamond,
+      physical addresses): it unmaps the rotated weight copies while they sit cold between a method's
+      loops, and the next pass minor-faults them back, one fault per 4 KiB page (the sys time of a run,
+      and swings of up to 2x between identical loops, measured on the CSR benchmark). Locked pages are
+      left alone.
+    - glibc's mmap threshold fixed at 64 KiB (mallopt(M_MMAP_THRESHOLD)): by default it grows to the size
+      of the largest block freed (up to 32 MiB), after which the next cases' weight copies below that
+      size come from reused heap memory instead of fresh mappings, and that memory streamed up to 2x
+      slower (the low-rank benchmark's 8 MiB factors at 4096 x 4096, M = 1: 1.2x dense in a full run,
+      2.0x in a run of that layer alone, and 2.0x in the full run with the threshold fixed)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(3) == 0:
-        return "locked"
-    return f"not locked: {os.strerror(ctypes.get_errno())}"
+    done = ["locked" if libc.mlockall(3) == 0 else f"not locked: {os.strerror(ctypes.get_errno())}"]
+    done.append("mmap threshold 64 KiB" if libc.mallopt(-3, 65536) == 1 else "mmap threshold unchanged")  # M_MMAP_THRESHOLD
+    return ", ".join(done)
 
 
 def loadavg() -> list[float] | None:

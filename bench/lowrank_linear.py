@@ -16,9 +16,13 @@ Every method rotates independent weight copies totalling >= --rotate-factor x L3
 t(baseline) / t(lowrank) in the same dtype. At r = K/4 on a square layer low rank reads and multiplies
 half of dense's bytes and FLOPs: 2x is the limit.
 
-    python bench/lowrank_linear.py             # 5 layers x 3 ranks x M in 1, 16, 128, 512
-    python bench/lowrank_linear.py --quick     # 4096x4096 at r = K/4, M in 1, 16, 128
-    python bench/lowrank_linear.py --report bench/results/lowrank_linear_cpu*.json   # README tables
+    python bench/lowrank_linear.py --dtypes bf16   # 5 layers x 3 ranks x M in 1, 16, 128, 512
+    python bench/lowrank_linear.py --dtypes fp32   # the same in fp32 (default: both in one process)
+    python bench/lowrank_linear.py --quick         # 4096x4096 at r = K/4, M in 1, 16, 128
+    python bench/lowrank_linear.py --report bench/results/lowrank_linear_cpu_*.json   # README tables
+
+The README's runs take each dtype in its own process (half the memory held at once: on these VMs the
+speed of memory varies with when and how it was allocated, see lock_memory in bench/int8_linear.py).
 """
 from __future__ import annotations
 

@@ -216,8 +216,3 @@ class InputCovariance(_LinearInputHooks):
 
     def _finish(self, state: tuple[Tensor, int]) -> Tensor:
         return state[0] / state[1]
-
-    def result(self, require_all: bool = True) -> dict[str, Tensor]:
-        """fqn -> (in_features, in_features) float64 sum(x^T x) / tokens. A layer no batch reached
-        is an error, or (with require_all=False) left out."""
-        return super().result(require_all)

@@ -93,8 +93,3 @@ class InputNorms(_LinearInputHooks):
 
     def _finish(self, state: Tensor) -> Tensor:
         return state.sqrt()
-
-    def result(self, require_all: bool = True) -> dict[str, Tensor]:
-        """fqn -> (in_features,) float64 norms. A layer no batch reached is an error, or (with
-        require_all=False) left out."""
-        return super().result(require_all)
