@@ -14,16 +14,13 @@
 
 #include "cpu/kernels/csr.h"
 #include "csr_linear_checks.h"
+#include "cpu/float_dtype.h"
 #include "cpu/parallel_tasks.h"
 
 namespace torchslim {
 namespace {
 
 using cpu::Dtype;
-
-Dtype float_dtype(at::ScalarType t) {
-  return t == at::kBFloat16 ? Dtype::BF16 : t == at::kHalf ? Dtype::F16 : Dtype::F32;
-}
 
 // The row pointers, before any kernel trusts them (words of formats.csr.structure_problem).
 void check_crow(const int32_t* crow, int64_t N, int64_t nnz, const char* op) {

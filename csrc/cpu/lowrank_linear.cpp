@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "cpu/kernels/lowrank.h"
+#include "cpu/float_dtype.h"
 #include "cpu/parallel_tasks.h"
 
 namespace torchslim {
@@ -22,11 +23,7 @@ namespace {
 
 using cpu::Dtype;
 
-Dtype float_dtype(at::ScalarType t) {
-  return t == at::kBFloat16 ? Dtype::BF16 : t == at::kHalf ? Dtype::F16 : Dtype::F32;
-}
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+using cpu::round_up;
 
 // The checks of lowrank_linear, in the words and order of ops.check_lowrank_linear_args.
 void check_args(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U, const std::optional<at::Tensor>& bias,

@@ -13,6 +13,7 @@
 #include <atomic>
 
 #include "cpu/kernels/sparse24.h"
+#include "cpu/float_dtype.h"
 #include "cpu/parallel_tasks.h"
 
 namespace torchslim {
@@ -20,11 +21,7 @@ namespace {
 
 using cpu::Dtype;
 
-Dtype float_dtype(at::ScalarType t) {
-  return t == at::kBFloat16 ? Dtype::BF16 : t == at::kHalf ? Dtype::F16 : Dtype::F32;
-}
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+using cpu::round_up;
 
 // The checks of sparse24_linear, in the words and order of ops.check_sparse24_linear_args.
 void check_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,

@@ -98,27 +98,22 @@ bool csr_avx512_bf16_supported() {
   return yes;
 }
 
-bool s24_amx_supported() {
+// AMX-BF16 (tdpbf16ps) usable: the amx level (AMX-TILE, the OS's tile state) and the AMX-BF16 bit.
+static bool amx_bf16_usable() {
   static const bool yes = [] {
     uint32_t a, b, c, d;
-    return s24_avx512_supported() && isa_supported(Isa::Amx) && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
-           bit(d, 22);  // AMX-BF16
+    return isa_supported(Isa::Amx) && __get_cpuid_count(7, 0, &a, &b, &c, &d) && bit(d, 22);
   }();
   return yes;
 }
+
+bool s24_amx_supported() { return s24_avx512_supported() && amx_bf16_usable(); }
 
 bool lr_avx512_supported() { return isa_supported(Isa::Avx512Vnni); }
 
 bool lr_avx512_bf16_supported() { return csr_avx512_bf16_supported(); }
 
-bool lr_amx_supported() {
-  static const bool yes = [] {
-    uint32_t a, b, c, d;
-    return lr_avx512_bf16_supported() && isa_supported(Isa::Amx) && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
-           bit(d, 22);  // AMX-BF16
-  }();
-  return yes;
-}
+bool lr_amx_supported() { return lr_avx512_bf16_supported() && amx_bf16_usable(); }
 
 Isa best_isa() {
   Isa best = Isa::Scalar;

@@ -82,6 +82,27 @@ def bias_problems(incoming: dict, module: nn.Module) -> list[str]:
     return []
 
 
+def load_into_fresh_buffers(module: nn.Module, load, incoming: dict, error_msgs: list, assign: bool,
+                            shapes: dict | None = None) -> None:
+    """The last step of a compressed layer's _load_from_state_dict, once the checkpoint's tensors
+    (incoming) passed its checks: load() (nn.Module's loader, bound to its arguments) into fresh buffers
+    of the shapes given (a checkpoint's own nnz or rank; else the current ones). nn.Module's loader
+    copies into buffers in place and goes on past a copy that fails, so without fresh buffers a
+    failure part-way would leave some of ours overwritten; here it restores them all. With assign=True
+    the checkpoint's tensors are then made contiguous (the kernels need it)."""
+    before, errors = dict(module._buffers), len(error_msgs)
+    for name in incoming:
+        current = module._buffers.get(name)
+        if current is not None:
+            module._buffers[name] = current.new_empty((shapes or {}).get(name, current.shape))
+    load()
+    if len(error_msgs) > errors:
+        module._buffers.clear()
+        module._buffers.update(before)
+    elif assign:
+        make_contiguous(module, incoming)
+
+
 def make_contiguous(module: nn.Module, names) -> None:
     """After load_state_dict(assign=True), which takes the checkpoint's tensors themselves: the kernels
     need them contiguous."""

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
-                          float_problems, make_contiguous, tensor_problems)
+                          float_problems, load_into_fresh_buffers, tensor_problems)
 from ..compress import lowrank as lowrank_compress
 
 
@@ -109,30 +109,18 @@ class LowRankLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Check the incoming factors before anything is written; then give V and U the checkpoint's
-        # rank (nn.Module's loader refuses a shape change) and let it copy.
+        # Check the incoming factors before anything is written, then load.
         incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
         assign = local_metadata.get("assign_to_params_buffers", False)
         problems = _checkpoint_problems(incoming, self, assign)
         if problems:
             error_msgs.extend(f"{prefix}{p}" for p in problems)
             return
-        before, errors = dict(self._buffers), len(error_msgs)
-        # nn.Module's loader copies into the buffers in place and goes on past a copy that fails: it
-        # gets fresh ones (V and U of the checkpoint's rank), so that a failure leaves ours untouched.
-        if "V" in incoming:
-            r = incoming["V"].shape[0]
-            self._buffers["V"] = self.V.new_empty(r, self.in_features)
-            self._buffers["U"] = self.U.new_empty(self.out_features, r)
-        if "bias" in incoming and self.bias is not None:
-            self._buffers["bias"] = torch.empty_like(self.bias)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if len(error_msgs) > errors:
-            self._buffers.clear()
-            self._buffers.update(before)
-        elif assign:  # the checkpoint's tensors themselves: the kernel needs them contiguous
-            make_contiguous(self, incoming)
+        # V and U take the checkpoint's rank (nn.Module's loader refuses a shape change).
+        r = incoming["V"].shape[0] if "V" in incoming else self.rank
+        load_into_fresh_buffers(self, lambda: super(LowRankLinear, self)._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
+            incoming, error_msgs, assign, {"V": (r, self.in_features), "U": (self.out_features, r)})
 
     def extra_repr(self) -> str:
         N, K, r = self.out_features, self.in_features, self.rank

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
-                          float_problems, make_contiguous, tensor_problems)
+                          float_problems, load_into_fresh_buffers, tensor_problems)
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -105,10 +105,9 @@ class Sparse24Linear(nn.Module):
         if problems:
             error_msgs.extend(f"{prefix}{p}" for p in problems)
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if assign:  # the checkpoint's tensors themselves: the kernels need them contiguous
-            make_contiguous(self, incoming)
+        load_into_fresh_buffers(self, lambda: super(Sparse24Linear, self)._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
+            incoming, error_msgs, assign)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
