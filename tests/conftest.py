@@ -221,3 +221,28 @@ def lowrank_linear_bad_inputs():
         args = [x, V, U, b]
         args[i] = args[i].to("meta")
         yield f"{name} on meta", tuple(args), f"{name} must be on cpu like x, got meta"
+
+
+def compile_for_sm90(script: str, cases: dict) -> dict:
+    """Runs a Triton ahead-of-time compile script (argv[1]: the JSON cases; its last stdout line: the
+    JSON result) in a child process, without a GPU: under TRITON_INTERPRET=1 (set above where no GPU is
+    present) triton.language is patched for the interpreter and cannot build IR. Skips the test where
+    this Triton cannot compile ahead of time."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], env=env, cwd="/",
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+        if "ImportError" in tail or "AttributeError" in tail or "TypeError" in tail:
+            pytest.skip(f"Triton {triton.__version__} cannot compile ahead of time here: {tail}")
+        raise AssertionError(r.stderr[-4000:])
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(f"Triton {triton.__version__} has no ASTSource: {result['skip']}")
+    return result

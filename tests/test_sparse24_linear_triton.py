@@ -19,7 +19,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from conftest import FLOAT_DTYPES, assert_close_to_reference, examples, sparse24_linear_bad_inputs  # noqa: E402
+from conftest import (FLOAT_DTYPES, assert_close_to_reference, compile_for_sm90, examples,  # noqa: E402
+                      sparse24_linear_bad_inputs)
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -313,8 +314,7 @@ def test_autotune_configs():
 # ---------------------------------------------------------------------------------------------
 # compiled for Hopper ahead of time (no GPU needed): what tl.dot becomes
 # ---------------------------------------------------------------------------------------------
-# The compilation runs in a child process: under TRITON_INTERPRET=1 (set by conftest.py where no GPU
-# is present) triton.language is patched for the interpreter and cannot build IR.
+# Run by conftest.compile_for_sm90 in a child process (the interpreter's triton cannot build IR).
 _AOT_SCRIPT = r"""
 import json, re, sys
 import triton
@@ -360,23 +360,7 @@ AOT_CASES = {
 @pytest.fixture(scope="module")
 def sm90():
     """What the kernel compiles to for sm_90 (PTX facts per AOT_CASES entry), without a GPU."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(AOT_CASES)], env=env, cwd="/",
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-        if "ImportError" in tail or "AttributeError" in tail or "TypeError" in tail:
-            pytest.skip(f"Triton {triton.__version__} cannot compile ahead of time here: {tail}")
-        raise AssertionError(r.stderr[-4000:])
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(f"Triton {triton.__version__} has no ASTSource: {result['skip']}")
-    return result
+    return compile_for_sm90(_AOT_SCRIPT, AOT_CASES)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
