@@ -198,6 +198,39 @@ def fmt(v, digits=1):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns under a header and a rule (the GPU benchmarks' printed tables)."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def add_common_args(p: argparse.ArgumentParser, name: str, quick_help: str, rep_ms: float) -> None:
+    """The options every GPU benchmark of an op has; its JSON goes to bench/results/<name>_gpu.json."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--rep-ms", type=float, default=rep_ms, help="GPU time measured per method and case")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new case after this many seconds (the cases left are listed as skipped), so "
+                        "that a time-limited run still writes its JSON and table")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="check this script without a GPU: tiny shapes on CPU tensors; timings are meaningless, "
+                        "ours is the CPU op there (where this build has one)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
+                                                  f"{name}_gpu.json"))
+
+
+def pick_device(args, name: str):
+    """(device, timer) for the run: CUDA events on the GPU, or wall time for --cpu-dry-run (its JSON
+    then named *_cpu_dry_run.json); None, said on stderr, without either."""
+    if args.cpu_dry_run:
+        args.out = os.path.join(os.path.dirname(args.out), f"{name}_gpu_cpu_dry_run.json")
+        return torch.device("cpu"), wall_times_us
+    if torch.cuda.is_available():
+        return torch.device("cuda"), gpu_times_us
+    print(f"bench_{name}_gpu: no CUDA device (--cpu-dry-run checks the script without one)", file=sys.stderr)
+    return None
+
+
 def table(cases: list[dict]) -> str:
     head = ["N", "K", "sparse", "M", "ours", "dense", "cusparse", "dense/ours", "cusparse/ours", "b2b us", "err ours"]
     rows = []
@@ -210,32 +243,17 @@ def table(cases: list[dict]) -> str:
                      fmt(us["cusparse"] / o if o and "cusparse" in us else None, 2),
                      fmt(c.get("ours_back_to_back_us")),
                      f"{c['rel_err']['ours']:.1e}" if "ours" in c["rel_err"] else "-"])
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    return text_table(head, rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="two shapes, two sparsities, two M")
-    p.add_argument("--rep-ms", type=float, default=20, help="GPU time measured per method and case")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new case after this many seconds (the cases left are listed as skipped), so "
-                        "that a time-limited run still writes its JSON and table")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="check this script without a GPU: tiny shapes on CPU tensors; timings are meaningless, "
-                        "ours is the CPU op there (where this build has one)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
-                                                  "csr_linear_gpu.json"))
+    add_common_args(p, "csr_linear", "two shapes, two sparsities, two M", 20)
     args = p.parse_args(argv)
-    if args.cpu_dry_run:
-        dev, timer = torch.device("cpu"), wall_times_us
-        args.out = os.path.join(os.path.dirname(args.out), "csr_linear_gpu_cpu_dry_run.json")
-    elif torch.cuda.is_available():
-        dev, timer = torch.device("cuda"), gpu_times_us
-    else:
-        print("bench_csr_linear_gpu: no CUDA device (--cpu-dry-run checks the script without one)", file=sys.stderr)
+    picked = pick_device(args, "csr_linear")
+    if picked is None:
         return 2
+    dev, timer = picked
 
     import torchslim
 

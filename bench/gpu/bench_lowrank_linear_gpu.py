@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_csr_linear_gpu import (  # noqa: E402
-    Rotating, back_to_back_us, copies_for, gpu_times_us, max_rel_err, sync, wall_times_us,
+    Rotating, add_common_args, back_to_back_us, copies_for, fmt, max_rel_err, pick_device, sync, text_table,
 )
 
 # bench_sparse24_linear_gpu.py's shapes (N, K) and M, a small layer second so that a --budget-s cut
@@ -107,10 +107,6 @@ def bench_case(N: int, K: int, r: int, M: int, rep_ms: float, dev: torch.device,
     return case
 
 
-def fmt(v, digits=1):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def table(cases: list[dict]) -> str:
     head = ["N", "K", "r", "M", "ours", "two gemms", "dense", "two/ours", "dense/ours", "split", "b2b us", "err ours"]
     rows = []
@@ -123,33 +119,17 @@ def table(cases: list[dict]) -> str:
                      fmt(us.get("dense")), ratio("two_gemms"), ratio("dense"), "-" if split is None else str(split),
                      fmt(c.get("ours_back_to_back_us")),
                      f"{c['rel_err']['ours']:.1e}" if "ours" in c["rel_err"] else "-"])
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    return text_table(head, rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="two shapes, two ranks, two M")
-    p.add_argument("--rep-ms", type=float, default=25, help="GPU time measured per method and case")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new case after this many seconds (the cases left are listed as skipped), so "
-                        "that a time-limited run still writes its JSON and table")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="check this script without a GPU: tiny shapes on CPU tensors; timings are meaningless "
-                        "and ours is the CPU op there")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
-                                                  "lowrank_linear_gpu.json"))
+    add_common_args(p, "lowrank_linear", "two shapes, two ranks, two M", 25)
     args = p.parse_args(argv)
-    if args.cpu_dry_run:
-        dev, timer = torch.device("cpu"), wall_times_us
-        args.out = os.path.join(os.path.dirname(args.out), "lowrank_linear_gpu_cpu_dry_run.json")
-    elif torch.cuda.is_available():
-        dev, timer = torch.device("cuda"), gpu_times_us
-    else:
-        print("bench_lowrank_linear_gpu: no CUDA device (--cpu-dry-run checks the script without one)",
-              file=sys.stderr)
+    picked = pick_device(args, "lowrank_linear")
+    if picked is None:
         return 2
+    dev, timer = picked
 
     import triton
 
