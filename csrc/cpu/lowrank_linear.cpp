@@ -2,7 +2,7 @@
 // arithmetic in cpu/kernels/lowrank_*.cpp. out = (x V^T) U^T + bias as two products per chunk of
 // tokens, each split over threads by weight rows: t = x V^T for the chunk (all of V), then
 // out = t U^T + bias (all of U). t, at most kChunkTokens x r, lives in a buffer that stays in L2 / L3
-// between the two and is reused by every chunk: it is never a tensor in memory. Three kernels:
+// between the two and is reused by every chunk: the whole (M, r) intermediate never exists. Three ways:
 //  - bfloat16 with AMX, from kAmxMinRows rows: tile multiplies, t kept in the tile layout the second
 //    product reads (kernels/lowrank_amx.cpp);
 //  - float32 and float16 from kGemmMinRows rows, where compute dominates: ATen's GEMM (oneDNN) for both
@@ -14,15 +14,14 @@
 
 #include <algorithm>
 
-#include "cpu/kernels/lowrank.h"
 #include "cpu/float_dtype.h"
+#include "cpu/kernels/lowrank.h"
 #include "cpu/parallel_tasks.h"
 
 namespace torchslim {
 namespace {
 
 using cpu::Dtype;
-
 using cpu::round_up;
 
 // The checks of lowrank_linear, in the words and order of ops.check_lowrank_linear_args.

@@ -20,7 +20,6 @@ namespace torchslim {
 namespace {
 
 using cpu::Dtype;
-
 using cpu::round_up;
 
 // The checks of sparse24_linear, in the words and order of ops.check_sparse24_linear_args.

@@ -310,7 +310,8 @@ def lowrank_linear(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) 
 
     x: (M, K) float32|bfloat16|float16, contiguous; V: (r, K) and U: (N, r) in x.dtype, contiguous;
     bias: (N,) floating point (added in x.dtype, as F.linear does) or None; all on x's device.
-    Returns (M, N) in x.dtype. Differentiable w.r.t. x, V, U and bias.
+    Returns (M, N) in x.dtype. Differentiable w.r.t. x, V, U and bias. The CPU's AVX-512 BF16 and AMX
+    kernels, like oneDNN's bf16 GEMMs, treat bfloat16 subnormals (below 1.2e-38) as zero.
     """
     return torch.ops.torchslim.lowrank_linear.default(x, V, U, bias)
 

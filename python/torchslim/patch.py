@@ -175,7 +175,8 @@ class LowRankConfig:
             return LowRankLinear.from_linear(linear, rank=self.rank, energy=self.energy,
                                              param_ratio=0.5 if default else self.param_ratio, whitening=first)
         except ValueError as e:
-            raise ValueError(f"LowRankConfig, layer {names[0]} ({linear.out_features} x {linear.in_features}): {e}") from e
+            raise ValueError(f"LowRankConfig, layer {names[0]} ({linear.out_features} x {linear.in_features}): {e} "
+                             "(patch_model's filter_fn can leave the layer dense)") from e
 
 
 def _number_in(v, lo: float, hi: float, closed: bool) -> bool:

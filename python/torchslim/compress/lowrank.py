@@ -63,9 +63,10 @@ def choose_rank(N: int, K: int, *, rank: int | None = None, param_ratio: float |
     elif param_ratio is not None:
         if isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float)) or not 0 < param_ratio < 1:
             raise ValueError(f"{caller}: param_ratio must be a number in (0, 1), got {param_ratio!r}")
-        # Exact arithmetic on the decimal the user wrote (repr: the shortest one that round-trips), so
+        # Exact arithmetic on the decimal the user wrote (repr: the shortest one that round-trips; float()
+        # first, as numpy's float64 reprs as np.float64(...)), so
         # that a ratio landing on a whole rank (0.3 of 10) gives that rank, not one below it.
-        r = max(1, math.floor(Fraction(repr(param_ratio)) * N * K / (N + K)))
+        r = max(1, math.floor(Fraction(repr(float(param_ratio))) * N * K / (N + K)))
         why = f"param_ratio {param_ratio} gives rank {r}"
     else:
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:

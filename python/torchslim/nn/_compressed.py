@@ -30,7 +30,7 @@ def copy_bias(module: nn.Module, linear: nn.Linear, caller: str) -> None:
 def dense_linear(module: nn.Module, weight: str = "values") -> nn.Linear:
     """The dense nn.Linear of a compressed layer (its dense_weight(), with the dtype and device of its
     float weight buffer `weight`)."""
-    ref = module._buffers[weight]
+    ref = getattr(module, weight)
     lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                     device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def checked_apply(module: nn.Module, fn, recurse: bool, apply, index_buffers: tu
     a dtype the kernels lack, is refused before a buffer changes; a failure part-way restores every
     buffer."""
     name = type(module).__name__
-    ref = module._buffers[weight]
+    ref = getattr(module, weight)
     device = ref.device
     for t in index_buffers:
         if fn(torch.empty(0, dtype=t.dtype, device=device)).dtype != t.dtype:

@@ -99,10 +99,9 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
-        buffers = self._buffers
-        x2, lead = flat_input(type(self).__name__, x, self.in_features, buffers["V"].dtype)
-        y = _LOWRANK_LINEAR(x2, buffers["V"], buffers["U"], buffers["bias"])
-        return y.reshape(*lead, self.out_features)
+        # Attribute reads, not self._buffers: a user who fine-tunes the factors makes them parameters.
+        x2, lead = flat_input(type(self).__name__, x, self.in_features, self.V.dtype)
+        return _LOWRANK_LINEAR(x2, self.V, self.U, self.bias).reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
         return checked_apply(self, fn, recurse, super()._apply, (), "", weight="V")
