@@ -82,19 +82,28 @@ def bias_problems(incoming: dict, module: nn.Module) -> list[str]:
     return []
 
 
-def load_into_fresh_buffers(module: nn.Module, load, incoming: dict, error_msgs: list, assign: bool,
-                            shapes: dict | None = None) -> None:
-    """The last step of a compressed layer's _load_from_state_dict, once the checkpoint's tensors
-    (incoming) passed its checks: load() (nn.Module's loader, bound to its arguments) into fresh buffers
-    of the shapes given (a checkpoint's own nnz or rank; else the current ones). nn.Module's loader
-    copies into buffers in place and goes on past a copy that fails, so without fresh buffers a
-    failure part-way would leave some of ours overwritten; here it restores them all. With assign=True
-    the checkpoint's tensors are then made contiguous (the kernels need it)."""
+def checked_load(module: nn.Module, buffers, state_dict, prefix: str, local_metadata, error_msgs: list,
+                 problems_of, load, shapes_of=None) -> None:
+    """A compressed layer's _load_from_state_dict. The checkpoint's tensors for `buffers` are checked as
+    a whole by problems_of(incoming, assign) before anything is written (problems go to error_msgs,
+    named with the prefix); then load() (nn.Module's loader, bound to its arguments) runs into fresh
+    buffers of the shapes shapes_of(incoming) gives ({name: shape}: a checkpoint's own nnz or rank;
+    else the current shapes). nn.Module's loader copies into buffers in place and goes on past a copy
+    that fails, so without fresh buffers a failure part-way would leave some of ours overwritten; here
+    it restores them all. With assign=True the checkpoint's tensors are made contiguous (the kernels
+    need it)."""
+    incoming = {name: state_dict[prefix + name] for name in buffers if prefix + name in state_dict}
+    assign = local_metadata.get("assign_to_params_buffers", False)
+    problems = problems_of(incoming, assign)
+    if problems:
+        error_msgs.extend(f"{prefix}{p}" for p in problems)
+        return
+    shapes = shapes_of(incoming) if shapes_of else {}
     before, errors = dict(module._buffers), len(error_msgs)
     for name in incoming:
         current = module._buffers.get(name)
         if current is not None:
-            module._buffers[name] = current.new_empty((shapes or {}).get(name, current.shape))
+            module._buffers[name] = current.new_empty(shapes.get(name, current.shape))
     load()
     if len(error_msgs) > errors:
         module._buffers.clear()

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
-                          float_problems, load_into_fresh_buffers, tensor_problems)
+                          float_problems, checked_load, tensor_problems)
 from ..compress.prune import check_importance, prune_unstructured
 from ..formats import csr as csr_format
 
@@ -118,18 +118,16 @@ class CSRLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Check the incoming CSR as a whole before anything is written, then load.
-        incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
-        assign = local_metadata.get("assign_to_params_buffers", False)
-        problems = _checkpoint_problems(incoming, self, assign)
-        if problems:
-            error_msgs.extend(f"{prefix}{p}" for p in problems)
-            return
         # col and values take the checkpoint's nnz (nn.Module's loader refuses a shape change).
-        nnz = incoming["values"].shape[0] if "values" in incoming else self.nnz
-        load_into_fresh_buffers(self, lambda: super(CSRLinear, self)._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            incoming, error_msgs, assign, {"col": (nnz,), "values": (nnz,)})
+        def shapes(incoming):
+            nnz = incoming["values"].shape[0] if "values" in incoming else self.nnz
+            return {"col": (nnz,), "values": (nnz,)}
+
+        checked_load(self, _BUFFERS, state_dict, prefix, local_metadata, error_msgs,
+                     lambda incoming, assign: _checkpoint_problems(incoming, self, assign),
+                     lambda: super(CSRLinear, self)._load_from_state_dict(
+                         state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
+                     shapes)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
-                          float_problems, load_into_fresh_buffers, tensor_problems)
+                          float_problems, checked_load, tensor_problems)
 from ..compress import lowrank as lowrank_compress
 
 
@@ -108,18 +108,16 @@ class LowRankLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Check the incoming factors before anything is written, then load.
-        incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
-        assign = local_metadata.get("assign_to_params_buffers", False)
-        problems = _checkpoint_problems(incoming, self, assign)
-        if problems:
-            error_msgs.extend(f"{prefix}{p}" for p in problems)
-            return
         # V and U take the checkpoint's rank (nn.Module's loader refuses a shape change).
-        r = incoming["V"].shape[0] if "V" in incoming else self.rank
-        load_into_fresh_buffers(self, lambda: super(LowRankLinear, self)._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            incoming, error_msgs, assign, {"V": (r, self.in_features), "U": (self.out_features, r)})
+        def shapes(incoming):
+            r = incoming["V"].shape[0] if "V" in incoming else self.rank
+            return {"V": (r, self.in_features), "U": (self.out_features, r)}
+
+        checked_load(self, _BUFFERS, state_dict, prefix, local_metadata, error_msgs,
+                     lambda incoming, assign: _checkpoint_problems(incoming, self, assign),
+                     lambda: super(LowRankLinear, self)._load_from_state_dict(
+                         state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
+                     shapes)
 
     def extra_repr(self) -> str:
         N, K, r = self.out_features, self.in_features, self.rank

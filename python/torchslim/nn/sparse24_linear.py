@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
-                          float_problems, load_into_fresh_buffers, tensor_problems)
+                          float_problems, checked_load, tensor_problems)
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -95,19 +95,16 @@ class Sparse24Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Check the incoming compressed weight as a whole before nn.Module's loader writes anything:
-        # a corrupt checkpoint (bad metadata, wrong shapes or dtypes, non-finite values) is refused.
-        incoming = {name: state_dict[prefix + name] for name in _BUFFERS if prefix + name in state_dict}
-        assign = local_metadata.get("assign_to_params_buffers", False)
-        problems = _checkpoint_problems(incoming, self, assign)
-        if "metadata" not in incoming and prefix + "meta" in state_dict:
-            problems.append("the 2:4 metadata is stored under 'metadata' (this checkpoint has 'meta': rename the key)")
-        if problems:
-            error_msgs.extend(f"{prefix}{p}" for p in problems)
-            return
-        load_into_fresh_buffers(self, lambda: super(Sparse24Linear, self)._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            incoming, error_msgs, assign)
+        # A corrupt checkpoint (bad metadata, wrong shapes or dtypes, non-finite values) is refused whole.
+        def problems(incoming, assign):
+            found = _checkpoint_problems(incoming, self, assign)
+            if "metadata" not in incoming and prefix + "meta" in state_dict:
+                found.append("the 2:4 metadata is stored under 'metadata' (this checkpoint has 'meta': rename the key)")
+            return found
+
+        checked_load(self, _BUFFERS, state_dict, prefix, local_metadata, error_msgs, problems,
+                     lambda: super(Sparse24Linear, self)._load_from_state_dict(
+                         state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
