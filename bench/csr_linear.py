@@ -113,7 +113,9 @@ def run(args) -> int:
                 # it 2x slower; that was mostly the allocation effect build() now avoids, but its calls of
                 # 10-200 ms at large M also stretch the interleaved loops apart).
                 res = bench_case([m for m in methods if m.name != "torch.sparse"], repeats, target_s, args.max_iters)
-                res.update(bench_case([m for m in methods if m.name == "torch.sparse"], repeats, target_s, args.max_iters))
+                if "torch.sparse" in specs:  # absent with --no-torch-sparse
+                    res.update(bench_case([m for m in methods if m.name == "torch.sparse"], repeats, target_s,
+                                          args.max_iters))
                 t = {name: r["median_s"] for name, r in res.items()}
                 ratios = {key: t[base] / t[ours] for key, (ours, base) in RATIOS.items() if base in t}
                 rows.append({"N": N, "K": K, "sparsity": s, "M": M, "times": res, "ratios": ratios,
