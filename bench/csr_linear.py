@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -37,7 +38,7 @@ from torchslim.compress import prune_unstructured
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, describe_machine,  # noqa: E402
-                         md_table, rel_err, round_robin_copies)
+                         md_table, ratio_cell, rel_err, round_robin_copies)
 
 SPARSITIES = [0.5, 0.7, 0.9, 0.95]
 QUICK_SHAPES = [(4096, 4096), (384, 1536)]
@@ -133,11 +134,6 @@ def run(args) -> int:
     return 0
 
 
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 def report(paths: list[str]) -> int:
     """The README's tables from the JSON of one or more runs (medians over the runs, with their
     range when there are several): the ratios per layer, sparsity and M; then per M the lowest
@@ -161,16 +157,13 @@ def report(paths: list[str]) -> int:
     for (N, K, s, M) in sorted(cells, key=lambda k: (order.index(k[:2]) if k[:2] in LAYERS else 99, k[2], k[3])):
         label = f"{LAYERS.get((N, K), '')} {N}x{K}".strip() if (N, K) != previous else ""
         previous = (N, K)
-        out = []
-        for key in RATIOS:
-            vs = cells[(N, K, s, M)].get(key)
-            out.append("-" if not vs else f"{median(vs):.2f}x" + (f" ({min(vs):.2f}-{max(vs):.2f})" if len(vs) > 1 else ""))
+        out = [ratio_cell(cells[(N, K, s, M)].get(key)) for key in RATIOS]
         print(f"| {label} | {100 * s:.0f}% | {M} | " + " | ".join(out) + " |")
     print("\n| M | lowest sparsity where CSR bf16 beats dense bf16 (median, every layer) |")
     print("|---:|---|")
     for M in sorted({k[3] for k in cells}):
         sps = sorted({k[2] for k in cells if k[3] == M})
-        wins = [s for s in sps if all(median(cells[k]["vs bf16"]) > 1 for k in cells if k[3] == M and k[2] == s)]
+        wins = [s for s in sps if all(statistics.median(cells[k]["vs bf16"]) > 1 for k in cells if k[3] == M and k[2] == s)]
         print(f"| {M} | {f'{100 * wins[0]:.0f}%' if wins else f'none up to {100 * sps[-1]:.0f}%'} |")
     return 0
 

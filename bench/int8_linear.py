@@ -238,6 +238,13 @@ def n_copies_for(copy_bytes: int, args, l3: int) -> int:
     return max(1, min(n, cap_mem, args.max_copies))
 
 
+def ratio_cell(values: list[float]) -> str:
+    """A README table cell for one ratio over the runs: the median, and the range where there are several."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f}x" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
 def describe_machine(args, out=print) -> tuple[dict, int]:
     """The run's machine record (CPU, flags, threads, torch, ISA, L3, date, load, memory lock) and the
     L3 size weights are rotated beyond; prints the header the sparse and low-rank benchmarks share."""

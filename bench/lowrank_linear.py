@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -40,7 +39,7 @@ from torchslim.compress import max_useful_rank
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, describe_machine,  # noqa: E402
-                         md_table, rel_err, round_robin_copies)
+                         md_table, ratio_cell, rel_err, round_robin_copies)
 
 LAYERS = {(384, 1536): "MiniLM FFN in", (1536, 384): "MiniLM FFN out", (768, 3072): "BERT-base FFN out",
           (4096, 4096): "Llama-7B attention", (11008, 4096): "Llama-7B MLP up"}
@@ -154,11 +153,7 @@ def report(paths: list[str]) -> int:
         N, K, r, saves, M = key
         label = f"{LAYERS.get((N, K), '')} {N}x{K}".strip() if (N, K) != previous else ""
         previous = (N, K)
-        out = []
-        for name in RATIOS:
-            vs = cells[key].get(name)
-            out.append("-" if not vs else f"{statistics.median(vs):.2f}x"
-                       + (f" ({min(vs):.2f}-{max(vs):.2f})" if len(vs) > 1 else ""))
+        out = [ratio_cell(cells[key].get(name)) for name in RATIOS]
         print(f"| {label} | {r}{'' if saves else ' (no saving)'} | {M} | " + " | ".join(out) + " |")
     return 0
 

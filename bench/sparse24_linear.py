@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -42,7 +43,7 @@ from torchslim.compress import prune_24
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from int8_linear import (FULL_MS, FULL_SHAPES, Method, bench_case, describe_machine,  # noqa: E402
-                         md_table, rel_err, round_robin_copies)
+                         md_table, ratio_cell, rel_err, round_robin_copies)
 
 QUICK_SHAPES = [(384, 1536), (4096, 4096)]
 QUICK_MS = [1, 16, 128]
@@ -105,9 +106,8 @@ def report(paths: list[str]) -> int:
             if not rs:
                 cells.append("-")
                 continue
-            ups = sorted(r["speedup"] for r in rs)
-            med = ups[len(ups) // 2] if len(ups) % 2 else (ups[len(ups) // 2 - 1] + ups[len(ups) // 2]) / 2
-            cell = f"{med:.2f}x" + (f" ({ups[0]:.2f}-{ups[-1]:.2f})" if len(ups) > 1 else "")
+            ups = [r["speedup"] for r in rs]
+            cell, med = ratio_cell(ups), statistics.median(ups)
             if M == 1:
                 cell += f", {100 * med / rs[0]['byte_limit']:.0f}% of {rs[0]['byte_limit']:.2f}x"
             cells.append(cell)

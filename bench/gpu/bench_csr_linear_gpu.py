@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -35,6 +34,9 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_int8_linear_gpu import print_table, write_result  # noqa: E402
 
 # (N, K): a 4096 square (Llama-7B's attention projections), Llama-7B's MLP up/gate projection, then
 # MiniLM / BERT-base layers (bench/int8_linear.py's shapes). Large shapes first: a --budget-s cut
@@ -299,23 +301,13 @@ def main(argv=None) -> int:
         "methods": METHODS, "runtime_s": round(time.time() - t0, 1), "cases": cases,
         "skipped_over_budget": skipped,
     }
-    paths = [os.path.normpath(args.out)]
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-    for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {path}")
+    write_result(result, args.out)
 
     print(f"\ncsr_linear on {device['device']} (torch {torch.__version__}), times in us (GPU, weight from HBM); "
           f"ratios = t(baseline) / t(ours), > 1: ours faster")
     print("dense: cuBLAS bf16 on the pruned weight; cusparse: torch.sparse_csr_tensor (cuSPARSE SpMM) in bf16; "
           "b2b: ours back to back incl. host overhead")
-    print(table(cases))
-    failed = sorted({k for c in cases for k in c["errors"]})
-    if failed:
-        print(f"errors in: {', '.join(failed)} (see the JSON)")
+    print_table(table(cases), cases)
     if skipped:
         print(f"not run (past --budget-s {args.budget_s:g}): "
               + ", ".join(f"N={n} K={k} s={s:g} M={m}" for n, k, s, m in skipped))

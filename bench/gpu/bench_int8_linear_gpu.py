@@ -175,6 +175,26 @@ def table(cases: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def write_result(result: dict, out: str) -> None:
+    """The benchmark's JSON at out, and a copy in $OUT when set (the device tool brings that folder back)."""
+    paths = [os.path.normpath(out)]
+    if os.environ.get("OUT"):
+        paths.append(os.path.join(os.environ["OUT"], os.path.basename(out)))
+    for path in paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {path}")
+
+
+def print_table(text: str, cases: list[dict]) -> None:
+    """A benchmark's table, then the methods that raised in some case (their errors are in the JSON)."""
+    print(text)
+    failed = sorted({k for c in cases for k in c["errors"]})
+    if failed:
+        print(f"errors in: {', '.join(failed)} (see the JSON)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two shapes, two M")
@@ -234,23 +254,13 @@ def main(argv=None) -> int:
         "timing": "GPU median of triton.testing.do_bench (L2 cleared before each call); x bfloat16",
         "methods": METHODS, "runtime_s": round(time.time() - t0, 1), "cases": cases,
     }
-    paths = [os.path.normpath(args.out)]
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-    for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {path}")
+    write_result(result, args.out)
 
     print(f"\nint8_linear on {device['device']} (torch {torch.__version__}, triton {triton.__version__}), "
           f"bf16 activations, times in us (GPU, cold L2); ratios = t(baseline) / t(ours), > 1: ours faster")
     print("gemm: the Triton GEMM alone on pre-quantized x; b2b: ours back to back incl. host overhead; "
           "*: torch._int_mm needed padded rows")
-    print(table(cases))
-    failed = sorted({k for c in cases for k in c["errors"]})
-    if failed:
-        print(f"errors in: {', '.join(failed)} (see the JSON)")
+    print_table(table(cases), cases)
     return 0
 
 

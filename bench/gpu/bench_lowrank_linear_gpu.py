@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_csr_linear_gpu import (  # noqa: E402
     Rotating, add_common_args, back_to_back_us, copies_for, fmt, max_rel_err, pick_device, sync, text_table,
 )
+from bench_int8_linear_gpu import print_table, write_result  # noqa: E402
 
 # bench_sparse24_linear_gpu.py's shapes (N, K) and M, a small layer second so that a --budget-s cut
 # still leaves a large and a small one: a 4096 square (Llama-7B attention), MiniLM's MLP up
@@ -181,23 +181,13 @@ def main(argv=None) -> int:
         "methods": METHODS, "max_rank": max_r, "runtime_s": round(time.time() - t0, 1), "cases": cases,
         "skipped_over_budget": skipped, "skipped_over_max_rank": over_max_rank,
     }
-    paths = [os.path.normpath(args.out)]
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-    for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {path}")
+    write_result(result, args.out)
 
     print(f"\nlowrank_linear on {device['device']} (torch {torch.__version__}, triton {triton.__version__}), "
           f"times in us (GPU, CUDA events); ratios = t(baseline) / t(ours), > 1: ours faster")
     print("two gemms: F.linear(F.linear(x, V), U, b), cuBLAS bf16; dense: F.linear(x, U V, b); split: the "
           "autotuned SPLIT_N; b2b: ours back to back incl. host overhead")
-    print(table(cases))
-    failed = sorted({k for c in cases for k in c["errors"]})
-    if failed:
-        print(f"errors in: {', '.join(failed)} (see the JSON)")
+    print_table(table(cases), cases)
     if over_max_rank:
         print(f"not run (r above the kernel's {max_r}): " + ", ".join(f"N={n} K={k} r={r}" for n, k, r in over_max_rank))
     if skipped:

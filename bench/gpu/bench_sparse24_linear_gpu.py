@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -34,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_int8_linear_gpu import back_to_back_us, gpu_times_ms, max_rel_err, sync, wall_times_ms  # noqa: E402
+from bench_int8_linear_gpu import (back_to_back_us, gpu_times_ms, max_rel_err, print_table, sync,  # noqa: E402
+                                  wall_times_ms, write_result)
 
 # (N, K): a 4096 square (Llama-7B's attention projections), Llama-7B's MLP up/gate and down
 # projections, then MiniLM / BERT-base layers. Large shapes first: a --budget-s cut drops the small ones.
@@ -213,23 +213,13 @@ def main(argv=None) -> int:
         "methods": METHODS, "runtime_s": round(time.time() - t0, 1), "cases": cases,
         "skipped_over_budget": skipped,
     }
-    paths = [os.path.normpath(args.out)]
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-    for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {path}")
+    write_result(result, args.out)
 
     print(f"\nsparse24_linear on {device['device']} (torch {torch.__version__}, triton {triton.__version__}), "
           f"times in us (GPU, cold L2); ratios = t(baseline) / t(ours bf16), > 1: ours faster")
     print("dense: cuBLAS bf16 on the pruned weight; cutlass / cusparselt: to_sparse_semi_structured backends; "
           "semi/ours: the faster of the two; b2b: ours bf16 back to back incl. host overhead")
-    print(table(cases))
-    failed = sorted({k for c in cases for k in c["errors"]})
-    if failed:
-        print(f"errors in: {', '.join(failed)} (see the JSON)")
+    print_table(table(cases), cases)
     if skipped:
         print(f"not run (past --budget-s {args.budget_s:g}): " + ", ".join(f"N={n} K={k} M={m}" for n, k, m in skipped))
     return 0
