@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 import torchslim  # noqa: E402
 
 # Hypothesis budgets: TORCHSLIM_TEST_PROFILE=long multiplies every property test's examples by 20
-# (minutes instead of seconds; for a hostile-input hunt before a release, not for CI).
-_PROFILES = {"fast": 1, "long": 20}
+# (minutes instead of seconds; for a hostile-input hunt before a release, not for CI); =quick keeps
+# a quarter of them (at least one), for the time-limited GPU run (bench/gpu/run.sh).
+_PROFILES = {"quick": 0.25, "fast": 1, "long": 20}
 _profile = os.environ.get("TORCHSLIM_TEST_PROFILE", "fast").strip().lower()
 if _profile not in _PROFILES:
     raise ValueError(f"TORCHSLIM_TEST_PROFILE={_profile!r}: known profiles are {sorted(_PROFILES)}")
@@ -23,7 +24,7 @@ if _profile not in _PROFILES:
 
 def examples(n: int) -> settings:
     """Hypothesis settings with n examples in the fast profile (scaled by the profile)."""
-    return settings(max_examples=n * _PROFILES[_profile], deadline=None,
+    return settings(max_examples=max(1, round(n * _PROFILES[_profile])), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._configs import tile_config
+from ._configs import tile_config, to_time
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Largest K for which sum_k q_a * q_b cannot leave int32 (|q| <= 127).
@@ -49,7 +49,7 @@ def _prune_configs(configs, named_args, **kwargs):
     # weight M / 16 times at large M: never spend autotuning time on either mismatch.
     small = named_args["M_BUCKET"] <= SMALL_M
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] <= SMALL_M) == small]
-    return kept or configs
+    return to_time(kept or configs)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])

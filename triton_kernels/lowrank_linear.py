@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._configs import to_time
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Rows at or below this count are decode-style: they get 16-row tiles (see _DECODE).
 SMALL_M = 16
@@ -133,7 +135,7 @@ def _prune_configs(configs, named_args, **kwargs):
         if key not in seen:
             seen.add(key)
             out.append(c)
-    return out
+    return to_time(out)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._configs import tile_config
+from ._configs import tile_config, to_time
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Rows at or below this count are decode-style GEMVs: they get their own tiles (see _CONFIGS).
@@ -77,7 +77,7 @@ def _prune_configs(configs, named_args, **kwargs):
     f32 = named_args["x_ptr"].dtype == torch.float32
     small = named_args["M_BUCKET"] <= SMALL_M
     kept = [c for c in configs if (c in _CONFIGS_F32) == f32 and (c.kwargs["BLOCK_M"] <= SMALL_M) == small]
-    return kept or [c for c in configs if (c in _CONFIGS_F32) == f32]
+    return to_time(kept or [c for c in configs if (c in _CONFIGS_F32) == f32])
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])

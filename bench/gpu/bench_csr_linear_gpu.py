@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_int8_linear_gpu import print_table, write_result  # noqa: E402
+from bench_int8_linear_gpu import CUBES, print_table, write_result  # noqa: E402
 
 # (N, K): a 4096 square (Llama-7B's attention projections), Llama-7B's MLP up/gate projection, then
 # MiniLM / BERT-base layers (bench/int8_linear.py's shapes). Large shapes first: a --budget-s cut
 # drops the small ones.
 SHAPES = [(4096, 4096), (11008, 4096), (384, 1536), (1536, 384), (768, 3072)]
 SPARSITIES = [0.5, 0.7, 0.9, 0.95]
-MS = [1, 16, 128, 512]
+MS = [1, 16, 128, 512, 2048]
 QUICK_SHAPES = [(4096, 4096), (384, 1536)]
 QUICK_SPARSITIES = [0.7, 0.95]
 QUICK_MS = [1, 512]
@@ -263,25 +263,28 @@ def main(argv=None) -> int:
                               else (SHAPES, SPARSITIES, MS))
     if args.cpu_dry_run:
         shapes, ms = [(40, 72), (24, 33)], [1, 17]
+    # Every shape at every sparsity and M (CSR's targets are at small M), then the cubes (M = N = K)
+    # at 90 % sparsity.
+    todo = [(N, K, s, M) for N, K in shapes for s in sparsities for M in ms]
+    if not args.cpu_dry_run:
+        todo += [(n, n, 0.9, n) for n in (CUBES[:1] if args.quick else CUBES)]
     t0 = time.time()
     cases, skipped = [], []
-    for N, K in shapes:
-        for sparsity in sparsities:
-            for M in ms:
-                if args.budget_s is not None and time.time() - t0 > args.budget_s:
-                    skipped.append([N, K, sparsity, M])
-                    continue
-                try:
-                    cases.append(bench_case(N, K, sparsity, M, args.rep_ms, dev, timer))
-                except Exception:  # noqa: BLE001
-                    traceback.print_exc()
-                    cases.append({"N": N, "K": K, "sparsity": sparsity, "M": M, "us": {}, "rel_err": {},
-                                  "errors": {"case": traceback.format_exc(limit=1)}})
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                print(f"  N={N} K={K} sparsity={sparsity:g} M={M}: "
-                      + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
-                      + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
+    for N, K, sparsity, M in todo:
+        if args.budget_s is not None and time.time() - t0 > args.budget_s:
+            skipped.append([N, K, sparsity, M])
+            continue
+        try:
+            cases.append(bench_case(N, K, sparsity, M, args.rep_ms, dev, timer))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            cases.append({"N": N, "K": K, "sparsity": sparsity, "M": M, "us": {}, "rel_err": {},
+                          "errors": {"case": traceback.format_exc(limit=1)}})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  N={N} K={K} sparsity={sparsity:g} M={M}: "
+              + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
+              + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
 
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)

@@ -35,6 +35,15 @@ SHAPES = [(384, 1536), (1536, 384), (768, 3072), (4096, 4096), (11008, 4096)]  #
 MS = [1, 16, 128, 512, 2048]
 QUICK_SHAPES = [(384, 1536), (4096, 4096)]
 QUICK_MS = [1, 512]
+# Square problems M = N = K, where GEMM throughput (not the weight stream) decides: the headline
+# compute-bound cases of every GPU benchmark, run first so that a --budget-s cut never drops them.
+CUBES = [4096, 8192]
+
+
+def case_list(shapes, ms, quick: bool = False) -> list[tuple[int, int, int]]:
+    """(N, K, M) of a benchmark: the cubes (the first only with --quick), then every shape at every M."""
+    cubes = CUBES[:1] if quick else CUBES
+    return [(n, n, n) for n in cubes] + [(N, K, M) for N, K in shapes for M in ms]
 METHODS = ["ours", "gemm", "bf16", "intmm"]
 
 
@@ -195,10 +204,20 @@ def print_table(text: str, cases: list[dict]) -> None:
         print(f"errors in: {', '.join(failed)} (see the JSON)")
 
 
+def print_skipped(skipped: list, budget_s: float | None) -> None:
+    """The cases a --budget-s cut left out, if any."""
+    if skipped:
+        print(f"not run (past --budget-s {budget_s:g}): " + ", ".join(
+            " ".join(f"{k}={v}" for k, v in zip(("N", "K", "M", "sparsity"), case)) for case in skipped))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two shapes, two M")
     p.add_argument("--rep-ms", type=int, default=30, help="do_bench measuring time per method and case")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new case after this many seconds (the cases left are listed as skipped), so "
+                        "that a time-limited run still writes its JSON and table")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="check this script without a GPU: tiny shapes on CPU tensors through the Triton "
                         "interpreter (set TRITON_INTERPRET=1); timings are meaningless and ours is the CPU "
@@ -220,23 +239,25 @@ def main(argv=None) -> int:
 
     import torchslim
 
-    shapes, ms = (QUICK_SHAPES, QUICK_MS) if args.quick else (SHAPES, MS)
+    todo = case_list(QUICK_SHAPES, QUICK_MS, quick=True) if args.quick else case_list(SHAPES, MS)
     if args.cpu_dry_run:
-        shapes, ms = [(40, 72), (24, 33)], [1, 17]
+        todo = [(N, K, M) for N, K in [(40, 72), (24, 33)] for M in [1, 17]]
     t0 = time.time()
-    cases = []
-    for N, K in shapes:
-        for M in ms:
-            try:
-                cases.append(bench_case(N, K, M, args.rep_ms, dev, timer))
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-                cases.append({"N": N, "K": K, "M": M, "us": {}, "rel_err": {},
-                              "errors": {"case": traceback.format_exc(limit=1)}})
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            print(f"  N={N} K={K} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
-                  + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
+    cases, skipped = [], []
+    for N, K, M in todo:
+        if args.budget_s is not None and time.time() - t0 > args.budget_s:
+            skipped.append([N, K, M])
+            continue
+        try:
+            cases.append(bench_case(N, K, M, args.rep_ms, dev, timer))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            cases.append({"N": N, "K": K, "M": M, "us": {}, "rel_err": {},
+                          "errors": {"case": traceback.format_exc(limit=1)}})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  N={N} K={K} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
+              + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
 
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
@@ -253,6 +274,7 @@ def main(argv=None) -> int:
         "info": torchslim.info(),
         "timing": "GPU median of triton.testing.do_bench (L2 cleared before each call); x bfloat16",
         "methods": METHODS, "runtime_s": round(time.time() - t0, 1), "cases": cases,
+        "skipped_over_budget": skipped,
     }
     write_result(result, args.out)
 
@@ -261,6 +283,7 @@ def main(argv=None) -> int:
     print("gemm: the Triton GEMM alone on pre-quantized x; b2b: ours back to back incl. host overhead; "
           "*: torch._int_mm needed padded rows")
     print_table(table(cases), cases)
+    print_skipped(skipped, args.budget_s)
     return 0
 
 

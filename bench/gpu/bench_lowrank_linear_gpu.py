@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_csr_linear_gpu import (  # noqa: E402
     Rotating, add_common_args, back_to_back_us, copies_for, fmt, max_rel_err, pick_device, sync, text_table,
 )
-from bench_int8_linear_gpu import print_table, write_result  # noqa: E402
+from bench_int8_linear_gpu import CUBES, print_table, write_result  # noqa: E402
 
 # bench_sparse24_linear_gpu.py's shapes (N, K) and M, a small layer second so that a --budget-s cut
 # still leaves a large and a small one: a 4096 square (Llama-7B attention), MiniLM's MLP up
@@ -140,28 +140,29 @@ def main(argv=None) -> int:
     shapes, ms, divisors = (QUICK_SHAPES, QUICK_MS, QUICK_RANK_DIVISORS) if args.quick else (SHAPES, MS, RANK_DIVISORS)
     if args.cpu_dry_run:
         shapes, ms = [(40, 72), (24, 33)], [1, 17]
+    # The cubes (M = N = K) at r = K/4 first, then every shape at every rank and M.
+    cubes = [] if args.cpu_dry_run else [(n, n, n // 4, n) for n in (CUBES[:1] if args.quick else CUBES)]
+    todo = cubes + [(N, K, max(1, K // d), M) for N, K in shapes for d in divisors for M in ms]
     t0 = time.time()
     cases, skipped, over_max_rank = [], [], []
-    for N, K in shapes:
-        for d in divisors:
-            r = max(1, K // d)
-            if r > max_r:
+    for N, K, r, M in todo:
+        if r > max_r:
+            if [N, K, r] not in over_max_rank:
                 over_max_rank.append([N, K, r])
-                continue
-            for M in ms:
-                if args.budget_s is not None and time.time() - t0 > args.budget_s:
-                    skipped.append([N, K, r, M])
-                    continue
-                try:
-                    cases.append(bench_case(N, K, r, M, args.rep_ms, dev, timer))
-                except Exception:  # noqa: BLE001
-                    traceback.print_exc()
-                    cases.append({"N": N, "K": K, "r": r, "M": M, "us": {}, "rel_err": {},
-                                  "errors": {"case": traceback.format_exc(limit=1)}})
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                print(f"  N={N} K={K} r={r} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
-                      + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
+            continue
+        if args.budget_s is not None and time.time() - t0 > args.budget_s:
+            skipped.append([N, K, r, M])
+            continue
+        try:
+            cases.append(bench_case(N, K, r, M, args.rep_ms, dev, timer))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            cases.append({"N": N, "K": K, "r": r, "M": M, "us": {}, "rel_err": {},
+                          "errors": {"case": traceback.format_exc(limit=1)}})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  N={N} K={K} r={r} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
+              + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
 
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)

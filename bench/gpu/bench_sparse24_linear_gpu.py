@@ -3,6 +3,7 @@ registers) against what a user would otherwise run, side by side in one process 
 
   ours_bf16   torch.ops.torchslim.sparse24_linear(x, values, meta, bias)     bfloat16
   ours_fp16   the same in float16
+  ours_cslt   ours on cuSPARSELt (the opt-in sparse24_cusparselt path; M >= 128 only), bfloat16
   dense       F.linear(x, W, b) in bfloat16, W the same pruned weight       cuBLAS
   cutlass     F.linear(x, to_sparse_semi_structured(W), b), CUTLASS backend (_FORCE_CUTLASS)
   cusparselt  the same with the cuSPARSELt backend, where torch has it
@@ -33,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_int8_linear_gpu import (back_to_back_us, gpu_times_ms, max_rel_err, print_table, sync,  # noqa: E402
-                                  wall_times_ms, write_result)
+from bench_int8_linear_gpu import (back_to_back_us, case_list, gpu_times_ms, max_rel_err,  # noqa: E402
+                                  print_skipped, print_table, sync, wall_times_ms, write_result)
 
 # (N, K): a 4096 square (Llama-7B's attention projections), Llama-7B's MLP up/gate and down
 # projections, then MiniLM / BERT-base layers. Large shapes first: a --budget-s cut drops the small ones.
@@ -42,7 +43,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (384, 1536), (1536, 384), 
 MS = [1, 16, 128, 512, 2048]
 QUICK_SHAPES = [(4096, 4096), (384, 1536)]
 QUICK_MS = [1, 512]
-METHODS = ["ours_bf16", "ours_fp16", "dense", "cutlass", "cusparselt"]
+METHODS = ["ours_bf16", "ours_fp16", "ours_cslt", "dense", "cutlass", "cusparselt"]
 MAX_COPIES = 16
 
 
@@ -78,6 +79,16 @@ def semi_structured(w: torch.Tensor, cutlass: bool):
         SparseSemiStructuredTensor._FORCE_CUTLASS = before
 
 
+def cusparselt_path(x, values, meta, bias):
+    """The opt-in cuSPARSELt path of the op, called directly (the op takes it only when opted in)."""
+    from torchslim import _sparse24_cusparselt
+
+    y = _sparse24_cusparselt.sparse24_linear(x, values, meta, bias)
+    if y is None:
+        raise RuntimeError("the cuSPARSELt path does not take this call (shape, dtype or no cuSPARSELt)")
+    return y
+
+
 def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu_times_ms) -> dict:
     from torchslim.compress import prune_24
     from torchslim.formats import sparse24
@@ -97,6 +108,7 @@ def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu
     builders = {
         "ours_bf16": lambda: (lambda v=values.clone(), m=meta.clone(): op(x, v, m, bias)),
         "ours_fp16": lambda: (lambda v=values16.clone(), m=meta16.clone(): op(x16, v, m, bias16)),
+        "ours_cslt": lambda: (lambda v=values.clone(), m=meta.clone(): cusparselt_path(x, v, m, bias)),
         "dense": lambda: (lambda wc=w.clone(): F.linear(x, wc, bias)),
         "cutlass": lambda: (lambda ws=semi_structured(w.clone(), cutlass=True): F.linear(x, ws, bias)),
         "cusparselt": lambda: (lambda ws=semi_structured(w.clone(), cutlass=False): F.linear(x, ws, bias)),
@@ -105,6 +117,8 @@ def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu
     ref = x.double() @ w.double().T + bias.double()
     ref16 = x16.double() @ w16.double().T + bias16.double()
     fns = {}
+    if M < 128:
+        del builders["ours_cslt"]  # the path is for compute-bound M (SPARSE24_TENSOR_CORE_MIN_M)
     for name, build in builders.items():
         try:
             fn = Rotating([build() for _ in range(copies)])
@@ -127,17 +141,19 @@ def fmt(v, digits=1):
 
 
 def table(cases: list[dict]) -> str:
-    head = ["N", "K", "M", "ours bf16", "ours fp16", "dense", "cutlass", "cusparselt", "dense/ours", "semi/ours",
-            "b2b us", "err ours"]
+    head = ["N", "K", "M", "ours bf16", "ours fp16", "ours cslt", "dense", "cutlass", "cusparselt", "dense/ours",
+            "semi/ours", "dense/cslt", "b2b us", "err ours"]
     rows = []
     for c in cases:
         us = c["us"]
         o = us.get("ours_bf16")
         semi = min((us[k] for k in ("cutlass", "cusparselt") if k in us), default=None)
-        rows.append([str(c["N"]), str(c["K"]), str(c["M"]), fmt(o), fmt(us.get("ours_fp16")), fmt(us.get("dense")),
-                     fmt(us.get("cutlass")), fmt(us.get("cusparselt")),
+        cslt = us.get("ours_cslt")
+        rows.append([str(c["N"]), str(c["K"]), str(c["M"]), fmt(o), fmt(us.get("ours_fp16")), fmt(cslt),
+                     fmt(us.get("dense")), fmt(us.get("cutlass")), fmt(us.get("cusparselt")),
                      fmt(us["dense"] / o if o and "dense" in us else None, 2),
-                     fmt(semi / o if o and semi else None, 2), fmt(c.get("ours_back_to_back_us")),
+                     fmt(semi / o if o and semi else None, 2),
+                     fmt(us["dense"] / cslt if cslt and "dense" in us else None, 2), fmt(c.get("ours_back_to_back_us")),
                      f"{c['rel_err']['ours_bf16']:.1e}" if "ours_bf16" in c["rel_err"] else "-"])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
@@ -171,27 +187,25 @@ def main(argv=None) -> int:
 
     import torchslim
 
-    shapes, ms = (QUICK_SHAPES, QUICK_MS) if args.quick else (SHAPES, MS)
+    todo = case_list(QUICK_SHAPES, QUICK_MS, quick=True) if args.quick else case_list(SHAPES, MS)
     if args.cpu_dry_run:
-        shapes, ms = [(40, 72), (24, 33)], [1, 17]
+        todo = [(N, K, M) for N, K in [(40, 72), (24, 33)] for M in [1, 17]]
     t0 = time.time()
-    cases = []
-    skipped = []
-    for N, K in shapes:
-        for M in ms:
-            if args.budget_s is not None and time.time() - t0 > args.budget_s:
-                skipped.append([N, K, M])
-                continue
-            try:
-                cases.append(bench_case(N, K, M, args.rep_ms, dev, timer))
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-                cases.append({"N": N, "K": K, "M": M, "us": {}, "rel_err": {},
-                              "errors": {"case": traceback.format_exc(limit=1)}})
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            print(f"  N={N} K={K} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
-                  + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
+    cases, skipped = [], []
+    for N, K, M in todo:
+        if args.budget_s is not None and time.time() - t0 > args.budget_s:
+            skipped.append([N, K, M])
+            continue
+        try:
+            cases.append(bench_case(N, K, M, args.rep_ms, dev, timer))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            cases.append({"N": N, "K": K, "M": M, "us": {}, "rel_err": {},
+                          "errors": {"case": traceback.format_exc(limit=1)}})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  N={N} K={K} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
+              + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
 
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
@@ -220,8 +234,7 @@ def main(argv=None) -> int:
     print("dense: cuBLAS bf16 on the pruned weight; cutlass / cusparselt: to_sparse_semi_structured backends; "
           "semi/ours: the faster of the two; b2b: ours bf16 back to back incl. host overhead")
     print_table(table(cases), cases)
-    if skipped:
-        print(f"not run (past --budget-s {args.budget_s:g}): " + ", ".join(f"N={n} K={k} M={m}" for n, k, m in skipped))
+    print_skipped(skipped, args.budget_s)
     return 0
 
 

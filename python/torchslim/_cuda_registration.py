@@ -10,6 +10,7 @@ machines without a GPU. If Triton is installed but broken, that first call raise
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -22,6 +23,33 @@ from .ops import (
     check_lowrank_linear_args,
     check_sparse24_linear_args,
 )
+
+# CUDA kernels that have not yet been tested and measured on a GPU are not the default (DESIGN): each
+# runs only where its name is listed in TORCHSLIM_CUDA_OPT_IN (comma-separated), and only where this
+# build has it. Once a GPU run has tested and timed one, it leaves this table and becomes the default
+# in the shape range where it measured faster (the README's GPU table says where).
+OPT_IN_KERNELS = {
+    "int8_sm90": "INT8 GEMM for M >= 64 on sm_90a (CUTLASS, TMA + warp-specialized wgmma)",
+    "int8_decode": "INT8 decode (M <= 16): quantization fused into a split-K GEMV, one launch",
+    "sparse24_cusparselt": "2:4 for large M on sparse tensor cores (cuSPARSELt through torch)",
+}
+
+
+def opted_in(name: str) -> bool:
+    """Whether TORCHSLIM_CUDA_OPT_IN names this kernel (read at each call: tests and benchmarks flip it)."""
+    if name not in OPT_IN_KERNELS:
+        raise KeyError(f"unknown opt-in kernel {name!r}; known: {sorted(OPT_IN_KERNELS)}")
+    listed = {n.strip() for n in os.environ.get("TORCHSLIM_CUDA_OPT_IN", "").split(",")}
+    return name in listed or "all" in listed
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """Whether this build registered a CUDA kernel for torchslim::<op> (C++ kernels are optional)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"torchslim::{op}", "CUDA")
+    except RuntimeError:  # no such op in this build at all
+        return False
+
 
 # w_scale tensors already seen to be finite, with the (version, data_ptr) they had then. Checking
 # finiteness reads the tensor back to the host, a device sync; weights do not change between
@@ -49,6 +77,19 @@ def _check_finite_scale(w_scale: Tensor, op: str) -> None:
     _finite_scales[w_scale] = stamp
 
 
+# Rows from which the sm_90a CUTLASS GEMM (opt-in "int8_sm90") takes int8_linear: its 128 x 128
+# tiles (two 64-row wgmma warp groups) waste most of their work below that.
+INT8_SM90_MIN_M = 64
+
+
+def _int8_sm90_fits(x: Tensor, w_q: Tensor) -> bool:
+    """Whether _int8_gemm_sm90 can take this call: an sm_90 device and TMA's 16-byte alignment of the
+    rows and bases (K % 16 == 0, N * sizeof(x.dtype) % 16 == 0). Host-side only: no device sync."""
+    K, N = x.shape[1], w_q.shape[0]
+    return (K > 0 and K % 16 == 0 and (N * x.element_size()) % 16 == 0 and w_q.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
 def _int8_linear_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     # The same checks, in the same words, as the CPU op (csrc/cpu/int8_linear.cpp) and the fake.
     check_int8_linear_args(x, w_q, w_scale, bias)
@@ -60,6 +101,16 @@ def _int8_linear_cuda(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | No
         bias = bias.to(torch.float32)  # float64: the kernel reads bias in 16 or 32 bits
     if bias is not None:
         bias = bias.contiguous()
+    if M <= 16 and opted_in("int8_decode") and has_cuda_kernel("_int8_linear_decode"):
+        # csrc/cuda/int8_decode.cu: quantization fused into a split-K GEMV, one launch. The same
+        # q, scales and epilogue; its float64 branch is taken per element, not per tile.
+        return torch.ops.torchslim._int8_linear_decode.default(x, w_q, w_scale, bias)
+    if (M >= INT8_SM90_MIN_M and opted_in("int8_sm90") and has_cuda_kernel("_int8_gemm_sm90")
+            and _int8_sm90_fits(x, w_q)):
+        # csrc/cuda/int8_gemm_sm90.cu: the same epilogue as the Triton kernel, except that its float64
+        # branch (scale products beyond float32's normal range) is taken per element, not per tile.
+        q, x_scale = torch.ops.torchslim.quantize_per_token.default(x)
+        return torch.ops.torchslim._int8_gemm_sm90.default(q, x_scale, w_q, w_scale, bias, x.dtype)
     q, x_scale = torch.ops.torchslim.quantize_per_token.default(x)
     from torchslim.triton_kernels.int8_linear import int8_matmul_dequant
 
@@ -88,6 +139,11 @@ def _int8_linear_packed_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias:
 torch.library.register_kernel("torchslim::int8_linear_packed", "cuda", _int8_linear_packed_cuda)
 
 
+# From this many rows on, 2:4 is compute-bound and the sparse tensor cores pay (below it the weight
+# stream decides, and the Triton kernel reads the compressed weight once).
+SPARSE24_TENSOR_CORE_MIN_M = 256
+
+
 def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
     # The same checks, in the same words, as the CPU op (csrc/cpu/sparse24_linear.cpp) and the fake.
     # The metadata's nibbles are not checked per call (a device sync): Sparse24Linear checks them when
@@ -98,6 +154,12 @@ def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor 
         return x.new_empty((M, N))
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()  # as F.linear adds it: rounded to x's dtype first
+    if M >= SPARSE24_TENSOR_CORE_MIN_M and opted_in("sparse24_cusparselt"):
+        from . import _sparse24_cusparselt
+
+        y = _sparse24_cusparselt.sparse24_linear(x, values, meta, bias)
+        if y is not None:
+            return y
     from torchslim.triton_kernels.sparse24_linear import sparse24_matmul
 
     return sparse24_matmul(x, values, meta, bias)
