@@ -213,7 +213,16 @@ def test_launcher_rejects_mixed_devices():
                             None, torch.float32)
 
 
-def test_autotune_pruning_separates_decode_tiles():
+def test_quick_autotuning_times_one_config(monkeypatch):
+    # TORCHSLIM_TRITON_AUTOTUNE=0 (the GPU run's tests): the first config that fits the call, alone.
+    monkeypatch.delenv("TORCHSLIM_TRITON_AUTOTUNE", raising=False)
+    full = kernels._prune_configs(kernels._CONFIGS, {"M_BUCKET": 1024})
+    monkeypatch.setenv("TORCHSLIM_TRITON_AUTOTUNE", "0")
+    assert len(full) > 1 and kernels._prune_configs(kernels._CONFIGS, {"M_BUCKET": 1024}) == full[:1]
+
+
+def test_autotune_pruning_separates_decode_tiles(monkeypatch):
+    monkeypatch.delenv("TORCHSLIM_TRITON_AUTOTUNE", raising=False)  # the full tables, as in use
     def kept(m):
         return {c.kwargs["BLOCK_M"] for c in kernels._prune_configs(kernels._CONFIGS, {"M_BUCKET": m})}
 

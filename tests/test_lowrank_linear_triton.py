@@ -283,16 +283,17 @@ def test_launcher_rejects_bad_arguments(name, args, kwargs, message):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_rank_limit_is_a_clear_error(dtype):
+def test_rank_limit_is_a_clear_error(dtype, monkeypatch):
     # Checked before anything runs, whatever the other sizes (an empty batch included): a layer whose
     # rank the kernel cannot hold fails on its first call, not on its first non-empty one.
+    monkeypatch.setenv("TORCHSLIM_CUDA_OPT_IN", "lowrank_fused")
     r = MAX_R[dtype] + 1
     for M in (3, 0):
         x, V, U = torch.zeros(M, 2, dtype=dtype), torch.zeros(r, 2, dtype=dtype), torch.zeros(4, r, dtype=dtype)
         with pytest.raises(ValueError, match=f"lowrank_matmul: r={r} exceeds {MAX_R[dtype]}, the largest rank"):
             lowrank_matmul(x, V, U, None)
         with pytest.raises(RuntimeError, match=f"lowrank_linear: r={r} exceeds {MAX_R[dtype]}, the largest rank "
-                                               "of the CUDA kernel"):
+                                               "of the fused CUDA kernel"):
             _cuda_registration._lowrank_linear_cuda(x, V, U, None)
 
 
@@ -303,7 +304,8 @@ def test_launcher_rejects_mixed_devices():
         lowrank_matmul(x, V, U.cpu(), None)
 
 
-def test_autotune_configs():
+def test_autotune_configs(monkeypatch):
+    monkeypatch.delenv("TORCHSLIM_TRITON_AUTOTUNE", raising=False)  # the full tables, as in use
     def kept(M, N, r, dtype):
         x = torch.empty(0, dtype=dtype)
         return kernels._prune_configs(None, {"x_ptr": x, "M_BUCKET": triton.next_power_of_2(M), "N": N, "R": r})
@@ -456,17 +458,22 @@ def test_cuda_op_argument_checks(name, args, message):
 
 
 @needs_kernel_device
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.float64, torch.bfloat16])
-def test_cuda_op_function_end_to_end(dtype, bias_dtype):
-    # The registered function itself (on CPU tensors under the interpreter): bias of any float dtype
-    # rounded to x's dtype first, as F.linear adds it; empty shapes.
+def test_cuda_op_function_end_to_end(dtype, bias_dtype, fused, monkeypatch):
+    # The registered function itself (on CPU tensors under the interpreter), on its default path (two
+    # GEMMs) and the opt-in fused kernel: bias of any float dtype rounded to x's dtype first, as
+    # F.linear adds it; empty shapes.
+    monkeypatch.setenv("TORCHSLIM_CUDA_OPT_IN", "lowrank_fused" if fused else "")
     x, V, U, bias = make_case(6, 18, 23, 5, dtype, bias_dtype, 11, device=DEVICE)
     out = _cuda_registration._lowrank_linear_cuda(x, V, U, bias)
     assert out.dtype == dtype and out.shape == (6, 18)
-    if INTERPRETED:  # the interpreter runs the fixed tiles either way
-        expected = lowrank_matmul(x, V, U, bias.to(dtype) if bias is not None else None, config=TILES)
-        assert torch.equal(out, expected)
+    b = bias.to(dtype) if bias is not None else None
+    if fused and INTERPRETED:  # the interpreter runs the fixed tiles either way
+        assert torch.equal(out, lowrank_matmul(x, V, U, b, config=TILES))
+    if not fused:  # exactly two F.linear calls
+        assert torch.equal(out, torch.nn.functional.linear(torch.nn.functional.linear(x, V), U, b))
     assert_accurate(out, x, V, U, bias)
     for M, N, K, r in ((0, 18, 23, 5), (6, 0, 23, 5), (6, 18, 0, 5), (6, 18, 23, 0)):
         x, V, U, bias = make_case(M, N, K, r, dtype, bias_dtype, 12, device=DEVICE)
@@ -490,7 +497,9 @@ gpu_ranks = st.one_of(st.integers(1, 300), st.sampled_from([1, 7, 16, 17, 64, 10
 @given(M=sizes, N=sizes, K=sizes, r=gpu_ranks, dtype=st.sampled_from(FLOAT_DTYPES),
        bias_dtype=st.sampled_from([None, torch.float32, torch.bfloat16, torch.float64]), seed=st.integers(0, 2**31))
 @examples(8)
-def test_cuda_op_matches_reference(M, N, K, r, dtype, bias_dtype, seed):
+@pytest.mark.parametrize("path", ["", "lowrank_fused"])  # the default two GEMMs; the opt-in fused kernel
+def test_cuda_op_matches_reference(M, N, K, r, dtype, bias_dtype, seed, path, monkeypatch):
+    monkeypatch.setenv("TORCHSLIM_CUDA_OPT_IN", path)
     x, V, U, bias = make_case(M, N, K, r, dtype, bias_dtype, seed, device="cuda")
     out = ops.lowrank_linear(x, V, U, bias)
     assert out.dtype == dtype and out.shape == (M, N) and out.device == x.device
@@ -568,9 +577,12 @@ def test_cuda_op_checks_devices():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_op_rank_limit():
+def test_cuda_op_rank_limit(monkeypatch):
+    # Only the opt-in fused kernel bounds the rank; the default two GEMMs take any.
     r = MAX_R[torch.bfloat16] + 1
     x, V, U, _ = make_case(2, 8, 16, r, torch.bfloat16, None, 0, device="cuda")
+    assert_accurate(ops.lowrank_linear(x, V, U), x, V, U, None)
+    monkeypatch.setenv("TORCHSLIM_CUDA_OPT_IN", "lowrank_fused")
     with pytest.raises(RuntimeError, match=f"r={r} exceeds 2048"):
         ops.lowrank_linear(x, V, U)
 

@@ -1,5 +1,5 @@
-"""The opt-in cuSPARSELt path of sparse24_linear (python/torchslim/_sparse24_cusparselt.py): the op with
-TORCHSLIM_CUDA_OPT_IN=sparse24_cusparselt against the float64 reference, the weight cache, and the
+"""The cuSPARSELt path of sparse24_linear (python/torchslim/_sparse24_cusparselt.py, taken from
+SPARSE24_CUSPARSELT_MIN_M rows on): the op against the float64 reference, the weight cache, and the
 fallback to the Triton kernel where the library cannot take the call. GPU only."""
 import pytest
 import torch
@@ -13,12 +13,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() or not torch.backends.cusparselt.is_available(),
                        reason="needs an NVIDIA GPU and torch with cuSPARSELt"),
 ]
-BIG_M = _cuda_registration.SPARSE24_TENSOR_CORE_MIN_M
-
-
-@pytest.fixture(autouse=True)
-def opt_in(monkeypatch):
-    monkeypatch.setenv("TORCHSLIM_CUDA_OPT_IN", "sparse24_cusparselt")
+BIG_M = _cuda_registration.SPARSE24_CUSPARSELT_MIN_M
 
 
 def check(x, values, meta, bias, y):
@@ -33,7 +28,7 @@ def check(x, values, meta, bias, y):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,N,K", [(BIG_M, 128, 256), (BIG_M + 3, 64, 128), (1000, 256, 512), (2048, 4096, 4096)])
+@pytest.mark.parametrize("M,N,K", [(BIG_M, 128, 256), (BIG_M + 3, 64, 128), (BIG_M + 1000, 256, 512), (BIG_M, 1024, 1024)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_reference(M, N, K, dtype, with_bias):
     x, values, meta, bias = make_case(M, N, K, dtype, dtype if with_bias else None, M + N + K, device="cuda")

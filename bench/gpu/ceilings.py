@@ -42,7 +42,6 @@ def main(argv=None) -> int:
     src = torch.randn(n_bytes // 4, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: dst.copy_(src))
-    del src, dst
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

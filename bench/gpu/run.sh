@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: one call on a machine with an NVIDIA GPU (offline; the H200 machine has torch 2.11 +
 # CUDA 13.0, triton, pytest, hypothesis and pytest-xdist installed), sized for one device call of at
-# most 8 minutes (each step has a time limit; they add up to 530 s at worst, ~6 min expected):
+# most 8 minutes (each step has a time limit; they add up to 570 s at worst, ~6 min expected):
 #   1. install torchslim: the prebuilt wheel in .whl-gpu/ (bench/gpu/build_wheel.sh makes it on a
 #      machine without a GPU, against the GPU machine's torch), else build here (fallback, ~3 min),
 #   2. .ci/cuda_smoke.py, 3. the tests marked gpu, then the rest of the suite, both in parallel
@@ -87,7 +87,8 @@ summary+=("smoke: rc=$rc ($((SECONDS - t0)) s)")
 
 # ---- 3. tests -----------------------------------------------------------------------------------
 # Parallel workers where pytest-xdist exists (Triton compiles on the CPU: workers overlap them);
-# two OpenMP threads each, so the CPU tests of 8 workers do not oversubscribe 16 cores.
+# two OpenMP threads each, so the CPU tests of 8 workers do not oversubscribe 16 cores. -v: each
+# result is a line as it happens, so a step cut by its time limit still names its failures.
 xdist=()
 "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 run_tests() {  # name, time limit, pytest args...
@@ -97,13 +98,13 @@ run_tests() {  # name, time limit, pytest args...
   local t0=$SECONDS
   echo "===== $name: pytest $*" >>"$RESULTS/tests.log"
   (cd "$ROOT/tests" && OMP_NUM_THREADS=2 TORCHSLIM_TEST_PROFILE=quick TORCHSLIM_TRITON_AUTOTUNE=0 \
-    timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider -rfEs ${xdist[@]+"${xdist[@]}"} "$@") \
+    timeout "$limit" "$PY" -m pytest -v -p no:cacheprovider -rfEs ${xdist[@]+"${xdist[@]}"} "$@") \
     >"$RESULTS/$name.part" 2>&1
   local rc=$?
-  cat "$RESULTS/$name.part" >>"$RESULTS/tests.log" && rm -f "$RESULTS/$name.part"
+  cat "$RESULTS/$name.part" >>"$RESULTS/tests.log" && mv -f "$RESULTS/$name.part" "$RESULTS/$name.log"
   keep "$RESULTS/tests.log"
   local last
-  last=$(grep -E "(passed|failed|error)" "$RESULTS/tests.log" | tail -n 1)
+  last=$(grep -E "[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s" "$RESULTS/$name.log" | tail -n 1)
   [ $rc -eq 124 ] && last="TIMED OUT after ${limit} s; $last"
   summary+=("$name: $last ($((SECONDS - t0)) s)")
   [ $rc -eq 0 ] || status=1
@@ -111,9 +112,9 @@ run_tests() {  # name, time limit, pytest args...
 if [ -z "${SKIP_TESTS:-}" ]; then
   rm -f "$RESULTS/tests.log"
   run_tests gpu_tests 90 -m gpu
-  grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -n 40
-  run_tests other_tests 60 -m "not gpu"
-  grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -n 60
+  grep -E "(FAILED|ERROR) " "$RESULTS/tests.log" | sort -u | head -n 40
+  run_tests other_tests 100 -m "not gpu"
+  grep -E "(FAILED|ERROR) " "$RESULTS/tests.log" | sort -u | head -n 60
 fi
 
 # ---- 4. benchmarks ------------------------------------------------------------------------------

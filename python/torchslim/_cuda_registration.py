@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -31,7 +32,8 @@ from .ops import (
 OPT_IN_KERNELS = {
     "int8_sm90": "INT8 GEMM for M >= 64 on sm_90a (CUTLASS, TMA + warp-specialized wgmma)",
     "int8_decode": "INT8 decode (M <= 16): quantization fused into a split-K GEMV, one launch",
-    "sparse24_cusparselt": "2:4 for large M on sparse tensor cores (cuSPARSELt through torch)",
+    "lowrank_fused": "the fused low-rank Triton kernel (the H200 run measured it 1.7-30x slower than the "
+                     "default two cuBLAS GEMMs; kept for its rework)",
 }
 
 
@@ -49,6 +51,14 @@ def has_cuda_kernel(op: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"torchslim::{op}", "CUDA")
     except RuntimeError:  # no such op in this build at all
         return False
+
+
+def opt_in_status() -> dict[str, str]:
+    """Per opt-in kernel: whether TORCHSLIM_CUDA_OPT_IN turns it on, and whether this build/torch has it."""
+    present = {"int8_sm90": has_cuda_kernel("_int8_gemm_sm90"), "int8_decode": has_cuda_kernel("_int8_linear_decode"),
+               "lowrank_fused": triton_available()}
+    return {name: f"{'on' if opted_in(name) else 'off'}, {'present' if present[name] else 'absent'} here: {what}"
+            for name, what in OPT_IN_KERNELS.items()}
 
 
 # w_scale tensors already seen to be finite, with the (version, data_ptr) they had then. Checking
@@ -139,9 +149,12 @@ def _int8_linear_packed_cuda(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias:
 torch.library.register_kernel("torchslim::int8_linear_packed", "cuda", _int8_linear_packed_cuda)
 
 
-# From this many rows on, 2:4 is compute-bound and the sparse tensor cores pay (below it the weight
-# stream decides, and the Triton kernel reads the compressed weight once).
-SPARSE24_TENSOR_CORE_MIN_M = 256
+# From this many rows on, 2:4 runs on the sparse tensor cores through cuSPARSELt
+# (_sparse24_cusparselt.py). Measured on the H200 (bench/results/h200/sparse24_linear_gpu.json, bf16):
+# cuSPARSELt through torch costs ~0.6 ms a call whatever M (its plan is built per call), so it loses
+# to the Triton kernel up to M = 2048 (4096x4096: 650 vs 454 us) and wins from M = 4096 (4096^3:
+# 370 vs 863 us; 8192^3: 1619 vs 6840 us). Both are still slower than dense cuBLAS there (see README).
+SPARSE24_CUSPARSELT_MIN_M = 4096
 
 
 def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -154,7 +167,7 @@ def _sparse24_linear_cuda(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor 
         return x.new_empty((M, N))
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()  # as F.linear adds it: rounded to x's dtype first
-    if M >= SPARSE24_TENSOR_CORE_MIN_M and opted_in("sparse24_cusparselt"):
+    if M >= SPARSE24_CUSPARSELT_MIN_M:
         from . import _sparse24_cusparselt
 
         y = _sparse24_cusparselt.sparse24_linear(x, values, meta, bias)
@@ -172,16 +185,21 @@ if triton_available():
 def _lowrank_linear_cuda(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
     # The same checks, in the same words, as the CPU op and the fake.
     check_lowrank_linear_args(x, V, U, bias)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()  # as F.linear adds it: rounded to x's dtype first
+    if not opted_in("lowrank_fused"):
+        # Two cuBLAS GEMMs, which are the op's semantics by definition (t rounded to x's dtype as
+        # F.linear rounds it; the bias added in the second GEMM's float32 epilogue). On the H200 they
+        # ran 1.7-30x faster than the fused Triton kernel at every measured shape (README, GPU).
+        return F.linear(F.linear(x, V), U, bias)
     from torchslim.triton_kernels.lowrank_linear import MAX_R, lowrank_matmul
 
     # The kernel keeps the (rows, r) intermediate on chip, which bounds r (the CPU op has no bound).
     r, max_r = V.shape[0], MAX_R[x.dtype]
-    torch._check(r <= max_r, lambda: f"lowrank_linear: r={r} exceeds {max_r}, the largest rank of the CUDA "
-                                     f"kernel for {x.dtype} x (its intermediate must stay on chip)")
-    if bias is not None:
-        bias = bias.to(x.dtype).contiguous()  # as F.linear adds it: rounded to x's dtype first
+    torch._check(r <= max_r, lambda: f"lowrank_linear: r={r} exceeds {max_r}, the largest rank of the fused "
+                                     f"CUDA kernel for {x.dtype} x (its intermediate must stay on chip)")
     return lowrank_matmul(x, V, U, bias)
 
 
-if triton_available():
-    torch.library.register_kernel("torchslim::lowrank_linear", "cuda", _lowrank_linear_cuda)
+# The default path needs no Triton (only the opt-in fused kernel does).
+torch.library.register_kernel("torchslim::lowrank_linear", "cuda", _lowrank_linear_cuda)

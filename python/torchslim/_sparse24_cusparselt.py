@@ -1,4 +1,5 @@
-"""2:4 on the GPU's sparse tensor cores for large M: cuSPARSELt through torch (opt-in "sparse24_cusparselt").
+"""2:4 on the GPU's sparse tensor cores for large M: cuSPARSELt through torch (sparse24_linear on CUDA takes
+it from M = SPARSE24_CUSPARSELT_MIN_M rows, where the H200 run measured it faster than the Triton kernel).
 
 Why cuSPARSELt and not a CUTLASS sm90 sparse GEMM: torch's CUDA wheels already link cuSPARSELt (the
 registry package nvidia-cusparselt-cu13) and expose it as torch._cslt_compress / torch._cslt_sparse_mm,
