@@ -11,6 +11,9 @@ BUILD_DEPS := scikit-build-core pybind11 ninja cmake numpy
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 CUDA_BIN := $(CUDA_VENV)/bin
+# CUTLASS's C++ headers (the sm_90a int8 GEMM) ship in this PyPI package (module cutlass_library);
+# cmake/cuda.cmake finds them there. The version the kernel was compiled and checked with.
+CUTLASS ?= nvidia-cutlass==4.2.0.0
 
 .PHONY: venv install test demo bench cuda-venv cuda-check sanitize clean
 
@@ -38,7 +41,7 @@ bench: install
 $(CUDA_BIN)/python:
 	$(PY) -m venv $(CUDA_VENV)
 	$(CUDA_BIN)/pip install -q --upgrade pip
-	$(CUDA_BIN)/pip install -q "$(CUDA_TORCH)" $(BUILD_DEPS)
+	$(CUDA_BIN)/pip install -q "$(CUDA_TORCH)" $(BUILD_DEPS) $(CUTLASS)
 
 cuda-venv: $(CUDA_BIN)/python
 

@@ -164,8 +164,69 @@ endfunction()
 # ---- the kernels ----
 # Bit-exact with the CPU kernel: IEEE division and denormals, whatever flags come before.
 torchslim_cuda_source(csrc/cuda/quantize_per_token.cu OPTIONS -ftz=false -prec-div=true)
+# Quantizes x with the same device functions (quantize_row.cuh): the same bit-exact flags.
+torchslim_cuda_source(csrc/cuda/int8_decode.cu OPTIONS -ftz=false -prec-div=true)
 # Float32 sums of products (fmaf); no bit-exact contract, default flags.
 torchslim_cuda_source(csrc/cuda/csr_linear.cu)
 
-set(TORCHSLIM_CUDA_LIBS torch_cuda c10_cuda CUDA::cudart)
+# ---- CUTLASS (header-only) kernels for Hopper: the sm_90a int8 GEMM ----
+# Headers from the PyPI package nvidia-cutlass (pip install nvidia-cutlass; its Python module
+# cutlass_library ships them under source/include), or a CUTLASS include directory of your own
+# (-DTORCHSLIM_CUTLASS_INCLUDE_DIR=<dir holding cutlass/ and cute/>). AUTO builds them where the
+# headers are found, the architecture list holds 90a and nvcc is CUDA >= 12.0; ON stops with the
+# reason where not; OFF never builds them. Built: the target gets TORCHSLIM_WITH_CUTLASS=1.
+set(TORCHSLIM_CUTLASS "AUTO" CACHE STRING "Build the CUTLASS sm_90a kernels: AUTO, ON or OFF")
+set_property(CACHE TORCHSLIM_CUTLASS PROPERTY STRINGS AUTO ON OFF)
+set(TORCHSLIM_CUTLASS_INCLUDE_DIR "" CACHE PATH
+    "CUTLASS include directory (holding cutlass/ and cute/); empty: the nvidia-cutlass Python package's")
+string(TOUPPER "${TORCHSLIM_CUTLASS}" _cutlass_mode)
+if(NOT _cutlass_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "TORCHSLIM_CUTLASS must be AUTO, ON or OFF, got '${TORCHSLIM_CUTLASS}'")
+endif()
+set(_cutlass_why "")
+set(_torchslim_cutlass_lib "")
+set(_cutlass_inc "${TORCHSLIM_CUTLASS_INCLUDE_DIR}")
+if(_cutlass_mode STREQUAL "OFF")
+  set(_cutlass_why "TORCHSLIM_CUTLASS=OFF")
+elseif(NOT "90a" IN_LIST TORCHSLIM_CUDA_ARCHITECTURES)
+  set(_cutlass_why "the architectures '${TORCHSLIM_CUDA_ARCHITECTURES}' (TORCHSLIM_CUDA_ARCHITECTURES) do not include 90a")
+elseif(_nvcc_version VERSION_LESS 12.0)
+  set(_cutlass_why "nvcc is CUDA ${_nvcc_version}; CUTLASS's sm_90a kernels need CUDA >= 12.0")
+else()
+  if(NOT _cutlass_inc)
+    # Located without importing the module (find_spec reads only the file system).
+    execute_process(
+      COMMAND "${Python_EXECUTABLE}" -c
+        "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0], 'source', 'include') if s else '')"
+      OUTPUT_VARIABLE _cutlass_inc OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _cutlass_rc)
+  endif()
+  if(NOT _cutlass_inc)
+    set(_cutlass_why "no CUTLASS headers: the Python package nvidia-cutlass (module cutlass_library) is not installed for ${Python_EXECUTABLE} (pip install nvidia-cutlass==4.2.0.0, or set TORCHSLIM_CUTLASS_INCLUDE_DIR)")
+  elseif(NOT EXISTS "${_cutlass_inc}/cutlass/version.h" OR NOT EXISTS "${_cutlass_inc}/cute/tensor.hpp")
+    set(_cutlass_why "${_cutlass_inc} holds no CUTLASS headers (cutlass/version.h, cute/tensor.hpp)")
+  else()
+    file(STRINGS "${_cutlass_inc}/cutlass/version.h" _cutlass_ver REGEX "#define CUTLASS_(MAJOR|MINOR) ")
+    string(REGEX REPLACE ".*CUTLASS_MAJOR ([0-9]+).*CUTLASS_MINOR ([0-9]+).*" "\\1.\\2" _cutlass_ver "${_cutlass_ver}")
+    if(_cutlass_ver VERSION_LESS 4.2)
+      set(_cutlass_why "CUTLASS ${_cutlass_ver} in ${_cutlass_inc} is older than 4.2, the version the kernels are written for")
+    endif()
+  endif()
+endif()
+if(_cutlass_why)
+  if(_cutlass_mode STREQUAL "ON")
+    message(FATAL_ERROR "TORCHSLIM_CUTLASS=ON, but ${_cutlass_why}.")
+  endif()
+  message(STATUS "torchslim: no CUTLASS kernels (${_cutlass_why}); int8_linear uses its Triton GEMM on Hopper too")
+else()
+  message(STATUS "torchslim: CUTLASS ${_cutlass_ver} kernels for sm_90a, headers from ${_cutlass_inc}")
+  # wgmma + TMA need the arch-specific target: 90a only. The headers only for this file.
+  torchslim_cuda_source(csrc/cuda/int8_gemm_sm90.cu ARCHS 90a OPTIONS "--system-include=${_cutlass_inc}")
+  # CMakeLists.txt links TORCHSLIM_CUDA_LIBS into _C: this interface target carries the definition
+  # (the bindings report it), so no second variable is needed there.
+  add_library(torchslim_cutlass INTERFACE)
+  target_compile_definitions(torchslim_cutlass INTERFACE TORCHSLIM_WITH_CUTLASS=1)
+  set(_torchslim_cutlass_lib torchslim_cutlass)
+endif()
+
+set(TORCHSLIM_CUDA_LIBS torch_cuda c10_cuda CUDA::cudart ${_torchslim_cutlass_lib})
 set(WITH_CUDA ON)

@@ -17,6 +17,12 @@ TORCH_LIBRARY(torchslim, m) {
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
   // The same with the weight from int8_pack_weight (CPU): what Int8Linear calls on CPU.
   m.def("int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  // Internal: the CUDA-only sm_90a (CUTLASS) GEMM behind int8_linear for M >= 64, opt-in
+  // (csrc/cuda/int8_gemm_sm90.cu): a_q (M, K) int8, a_scale (M,) float32, b_q (N, K) int8,
+  // b_scale (N,) float32, bias (N,) float -> (M, N) out_dtype. Registered only where built.
+  m.def("_int8_gemm_sm90(Tensor a_q, Tensor a_scale, Tensor b_q, Tensor b_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Internal: int8_linear for decode (M <= 16) in one launch, CUDA only, opt-in (csrc/cuda/int8_decode.cu).
+  m.def("_int8_linear_decode(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
 
   // 2:4 sparse linear: x (M, K) float, values (N, K_pad / 2) x.dtype, meta (N, K_pad / 16) int16 (the
   // format of formats/sparse24.py, K_pad = round_up(K, 16)), bias (N,) -> (M, N) x.dtype.

@@ -6,7 +6,7 @@ fused into the GEMM epilogue, so the int32 accumulator never goes to memory.
 
 Shapes: a_q (M, K) int8 (quantized activations, one scale per row), b_q (N, K) int8 (the weight in
 nn.Linear's layout, one scale per output channel). The exact int32 sum needs
-127 * 127 * K < 2**31, i.e. K <= 133_145.
+127 * 128 * K < 2**31 (activations in [-127, 127]; a weight may hold -128), i.e. K <= 132_104.
 
 Quantization itself is not done here: the op quantizes x with ``torchslim::quantize_per_token``.
 """
@@ -19,8 +19,8 @@ import triton.language as tl
 from ._configs import tile_config, to_time
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-# Largest K for which sum_k q_a * q_b cannot leave int32 (|q| <= 127).
-MAX_K = (2**31 - 1) // (127 * 127)
+# Largest K for which sum_k q_a * q_b cannot leave int32 (|q_a| <= 127; q_b may be -128).
+MAX_K = (2**31 - 1) // (127 * 128)
 # Rows at or below this count are decode-style GEMVs: they get their own tiles (see _CONFIGS).
 SMALL_M = 16
 

@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quantize_row.cuh"
+
 // The bit-exact contract needs IEEE division and multiplication with denormals kept: nvcc defines
 // no macro for -ftz / --use_fast_math, so cmake/cuda.cmake compiles this file with -ftz=false
 // -prec-div=true after any global flags.
@@ -38,9 +40,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// The per-element rounding and the absmax -> scale rule live in quantize_row.cuh (shared with
+// int8_decode.cu, which quantizes x inside its GEMV).
+using quantize_row::abs_or_inf;
+using quantize_row::quantize_one;
+using quantize_row::row_scale;
+using quantize_row::to_float;
 
 // VEC consecutive elements of row storage as floats: one 16-byte load when VEC > 1.
 template <typename T, int VEC>
@@ -72,20 +77,6 @@ __device__ __forceinline__ void store_vec(int8_t* __restrict__ p, const int8_t (
     memcpy(&w, q, 8);
     *reinterpret_cast<uint2*>(p) = w;
   }
-}
-
-// |v| as the reduction sees it: NaN and +-Inf become +Inf, so after the max-reduction a row is
-// non-finite exactly when its absmax is +Inf (a finite row's absmax is at most FLT_MAX).
-__device__ __forceinline__ float abs_or_inf(float v) {
-  const float a = fabsf(v);
-  return a <= FLT_MAX ? a : __int_as_float(0x7f800000);
-}
-
-__device__ __forceinline__ int8_t quantize_one(float v, float inv) {
-  // __fmul_rn is never fused with anything; __float2int_rn rounds half to even.
-  int r = __float2int_rn(__fmul_rn(v, inv));
-  r = r < -127 ? -127 : (r > 127 ? 127 : r);
-  return static_cast<int8_t>(r);
 }
 
 // TPR threads (a multiple of 32 dividing kThreads) quantize one row; VEC elements per load.
@@ -124,12 +115,11 @@ quantize_per_token_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float
   }
   if (!active) return;
 
-  const bool nonfinite = amax > FLT_MAX;
-  const float inv = __fdiv_rn(127.f, amax);
-  const bool zero = isinf(inv);  // absmax 0, or below 127 / FLT_MAX: counts as a row of zeros
-  if (t == 0) scale[row] = nonfinite ? __int_as_float(0x7fffffff) : (zero ? 0.f : __fdiv_rn(amax, 127.f));
+  const quantize_row::RowScale rs = row_scale(amax);
+  const float inv = rs.inv;
+  if (t == 0) scale[row] = rs.scale;
   int8_t* qr = q + row * K;
-  if (nonfinite || zero) {
+  if (rs.zero_q) {
     const int8_t zeros[VEC] = {};
     for (int64_t i = t; i < nvec; i += TPR) store_vec<VEC>(qr + i * VEC, zeros);
     return;
