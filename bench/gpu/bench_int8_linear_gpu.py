@@ -5,46 +5,46 @@ dequant) against what a user would otherwise run, side by side in one process on
   gemm       the Triton GEMM alone on pre-quantized x (int8_matmul_dequant): ours minus quantization
   bf16       F.linear(x, W, b) in bfloat16                               cuBLAS
   intmm      per-token quantization in torch ops, torch._int_mm, dequant + bias in torch ops
+  sm90       the opt-in CUTLASS sm_90a GEMM (quantize_per_token + _int8_gemm_sm90), M >= 64, where built
+  decode     the opt-in one-launch decode kernel (_int8_linear_decode), M <= 16, where built
 
-x is bfloat16 throughout. Times are GPU medians from triton.testing.do_bench, which clears the L2
-cache before every call, so small-M cases stream the weight from HBM as they would in a model.
-The clearing also keeps the GPU busy while the host launches the next call, so these are device
-times as long as the host needs less than the ~0.1 ms that clearing the cache takes.
-`b2b` is ours called back to back (warm L2, host-side overhead included): at M=1 it shows the
-per-call cost of the Python dispatch, which CUDA graphs would remove.
+x is bfloat16 throughout. Times are per-call GPU (device) times from CUDA events, medians (20th /
+80th percentiles in the JSON), measured after a warm-up while a sleep kernel holds the GPU so that
+the host queues every timed call ahead of it (gpu_bench_common.gpu_times_us): each time spans the
+call's kernels only, not the host's dispatch of the call, which at small M takes longer than the
+kernels. Each method cycles through copies of its weight (ours, gemm, intmm: one int8 weight copy +
+scale per call; bf16: one bf16 weight copy per call), as many as exceed twice the L2 in int8 bytes
+(capped at MAX_COPIES), so small-M cases stream the weight from HBM as they would in a model.
+`b2b` is ours called back to back over the same copies, wall clock, host overhead included: at M=1
+it shows the per-call cost of the Python dispatch, which CUDA graphs would remove.
 Ratios are speedups t(baseline) / t(ours): > 1 means ours is faster.
 
     python bench/gpu/bench_int8_linear_gpu.py            # all shapes (~1-2 min on an H200)
     python bench/gpu/bench_int8_linear_gpu.py --quick    # two shapes, two M
+    python bench/gpu/bench_int8_linear_gpu.py --cpu-dry-run  # the script itself, without a GPU (TRITON_INTERPRET=1)
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import time
-import traceback
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench_common import (  # noqa: E402
+    Rotating, back_to_back_us, case_list, copies_for, device_info, err_cell, finish, fmt, result_header,
+    run_cases, start, text_table, time_method,
+)
 
 SHAPES = [(384, 1536), (1536, 384), (768, 3072), (4096, 4096), (11008, 4096)]  # (N, K)
 MS = [1, 16, 128, 512, 2048]
 QUICK_SHAPES = [(384, 1536), (4096, 4096)]
 QUICK_MS = [1, 512]
-# Square problems M = N = K, where GEMM throughput (not the weight stream) decides: the headline
-# compute-bound cases of every GPU benchmark, run first so that a --budget-s cut never drops them.
-CUBES = [4096, 8192]
-
-
-def case_list(shapes, ms, quick: bool = False) -> list[tuple[int, int, int]]:
-    """(N, K, M) of a benchmark: the cubes (the first only with --quick), then every shape at every M."""
-    cubes = CUBES[:1] if quick else CUBES
-    return [(n, n, n) for n in cubes] + [(N, K, M) for N, K in shapes for M in ms]
-METHODS = ["ours", "gemm", "bf16", "intmm"]
+METHODS = ["ours", "gemm", "bf16", "intmm", "sm90", "decode"]
+# Enough copies that even the smallest shape's (384 x 1536 int8 + scales, 0.6 MB) exceed twice a 60 MiB L2
+# (an H100 / H200 has 50 MB).
+MAX_COPIES = 256
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,42 +81,7 @@ def intmm_pad_rows(M: int, K: int, N: int, device) -> int:
     raise RuntimeError(f"torch._int_mm accepts no padding of M={M} for K={K}, N={N}")
 
 
-def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def back_to_back_us(fn, dev: torch.device, calls: int = 100) -> float:
-    fn()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
-def gpu_times_ms(fn, rep_ms: int) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms, L2 cleared before each call."""
-    import triton.testing
-
-    med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return med, p20, p80
-
-
-def wall_times_ms(fn, rep_ms: int) -> tuple[float, float, float]:
-    """For --cpu-dry-run only: one wall-clock sample, no statistics."""
-    t0 = time.perf_counter()
-    fn()
-    t = (time.perf_counter() - t0) * 1e3
-    return t, t, t
-
-
-def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu_times_ms) -> dict:
+def bench_case(N: int, K: int, M: int, rep_ms: float, dev: torch.device, timer) -> dict:
     from torchslim import reference
     from torchslim.triton_kernels.int8_linear import int8_matmul_dequant
 
@@ -125,10 +90,13 @@ def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu
     w = (torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(torch.bfloat16)
     bias = (torch.randn(N, device=dev, generator=g) * 0.1).to(torch.bfloat16)
     w_q, w_scale = quantize_weight(w)
-    w_q_t = w_q.t()
     q_ref, s_ref = reference.quantize_per_token(x)
+    # One int8 weight copy + scale per call (bf16: one bf16 weight copy per call), as many as exceed
+    # twice the L2 in int8 bytes.
+    copies = copies_for(w_q.numel() * w_q.element_size() + w_scale.numel() * w_scale.element_size(), dev,
+                        MAX_COPIES)
 
-    case: dict = {"N": N, "K": K, "M": M, "us": {}, "errors": {}, "rel_err": {}}
+    case: dict = {"N": N, "K": K, "M": M, "weight_copies": copies, "us": {}, "errors": {}, "rel_err": {}}
     pad = 0
     try:
         pad = intmm_pad_rows(M, K, N, dev)
@@ -136,155 +104,83 @@ def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu
         case["errors"]["intmm"] = str(e)
     case["intmm_padded_rows"] = pad
 
-    fns = {
-        "ours": lambda: torch.ops.torchslim.int8_linear.default(x, w_q, w_scale, bias),
-        "gemm": lambda: int8_matmul_dequant(q_ref, s_ref, w_q, w_scale, bias, torch.bfloat16),
-        "bf16": lambda: F.linear(x, w, bias),
-        "intmm": lambda: intmm_linear(x, w_q_t, w_scale, bias, pad),
+    op = torch.ops.torchslim.int8_linear.default
+    builders = {
+        "ours": lambda: (lambda wq=w_q.clone(), ws=w_scale.clone(): op(x, wq, ws, bias)),
+        "gemm": lambda: (lambda wq=w_q.clone(), ws=w_scale.clone():
+                         int8_matmul_dequant(q_ref, s_ref, wq, ws, bias, torch.bfloat16)),
+        "bf16": lambda: (lambda wc=w.clone(): F.linear(x, wc, bias)),
+        "intmm": lambda: (lambda wq=w_q.clone(), ws=w_scale.clone(): intmm_linear(x, wq.t(), ws, bias, pad)),
     }
+    # The opt-in CUDA kernels, called directly (the op takes them only when TORCHSLIM_CUDA_OPT_IN names them).
+    from torchslim._cuda_registration import INT8_SM90_MIN_M, has_cuda_kernel
+
+    if dev.type == "cuda" and M >= INT8_SM90_MIN_M and has_cuda_kernel("_int8_gemm_sm90"):
+        quant, gemm = torch.ops.torchslim.quantize_per_token.default, torch.ops.torchslim._int8_gemm_sm90.default
+        builders["sm90"] = lambda: (lambda wq=w_q.clone(), ws=w_scale.clone():
+                                    gemm(*quant(x), wq, ws, bias, torch.bfloat16))
+    if dev.type == "cuda" and M <= 16 and has_cuda_kernel("_int8_linear_decode"):
+        decode = torch.ops.torchslim._int8_linear_decode.default
+        builders["decode"] = lambda: (lambda wq=w_q.clone(), ws=w_scale.clone(): decode(x, wq, ws, bias))
     # Float64 references: the quantized model's exact output (ours, gemm, intmm approximate it)
     # and the unquantized bf16 layer's (what bf16 approximates).
     ref_q = (q_ref.double() @ w_q.double().T) * (s_ref.double()[:, None] * w_scale.double()[None, :]) + bias.double()
     ref_dense = x.double() @ w.double().T + bias.double()
-    for name, fn in fns.items():
+    fns = {}
+    for name, build in builders.items():
         if name in case["errors"]:
             continue
-        try:
-            y = fn()  # first call: compiles and autotunes outside the timing
-            sync(dev)
-            case["rel_err"][name] = max_rel_err(y, ref_dense if name == "bf16" else ref_q)
-            med, p20, p80 = timer(fn, rep_ms)
-            case["us"][name] = 1e3 * med
-            case.setdefault("us_p20_p80", {})[name] = [1e3 * p20, 1e3 * p80]
-        except Exception as e:  # noqa: BLE001  (a missing kernel must not hide the other numbers)
-            case["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if "ours" in case["us"]:
-        case["ours_back_to_back_us"] = back_to_back_us(fns["ours"], dev, calls=100 if dev.type == "cuda" else 2)
+        fns[name] = time_method(case, name, lambda: Rotating([build() for _ in range(copies)]),
+                                ref_dense if name == "bf16" else ref_q, rep_ms, dev, timer)
+    if fns.get("ours") is not None:
+        case["ours_back_to_back_us"] = back_to_back_us(fns["ours"], dev)
     return case
-
-
-def fmt(v, digits=1):
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def table(cases: list[dict]) -> str:
     head = ["N", "K", "M", "ours us", "gemm us", "bf16 us", "intmm us", "bf16/ours", "intmm/ours",
-            "b2b us", "err ours"]
+            "opt-in us", "bf16/opt-in", "b2b us", "err ours"]
     rows = []
     for c in cases:
         us = c["us"]
         o = us.get("ours")
         r = lambda b: (us[b] / o) if (o and b in us) else None  # noqa: E731
         intmm = fmt(us.get("intmm")) + ("*" if c.get("intmm_padded_rows") else "")
+        opt = us.get("sm90", us.get("decode"))  # the opt-in kernel of this M, if built
         rows.append([str(c["N"]), str(c["K"]), str(c["M"]), fmt(o), fmt(us.get("gemm")), fmt(us.get("bf16")),
-                     intmm, fmt(r("bf16"), 2), fmt(r("intmm"), 2), fmt(c.get("ours_back_to_back_us")),
-                     f"{c['rel_err']['ours']:.1e}" if "ours" in c["rel_err"] else "-"])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def write_result(result: dict, out: str) -> None:
-    """The benchmark's JSON at out, and a copy in $OUT when set (the device tool brings that folder back)."""
-    paths = [os.path.normpath(out)]
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], os.path.basename(out)))
-    for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {path}")
-
-
-def print_table(text: str, cases: list[dict]) -> None:
-    """A benchmark's table, then the methods that raised in some case (their errors are in the JSON)."""
-    print(text)
-    failed = sorted({k for c in cases for k in c["errors"]})
-    if failed:
-        print(f"errors in: {', '.join(failed)} (see the JSON)")
-
-
-def print_skipped(skipped: list, budget_s: float | None) -> None:
-    """The cases a --budget-s cut left out, if any."""
-    if skipped:
-        print(f"not run (past --budget-s {budget_s:g}): " + ", ".join(
-            " ".join(f"{k}={v}" for k, v in zip(("N", "K", "M", "sparsity"), case)) for case in skipped))
+                     intmm, fmt(r("bf16"), 2), fmt(r("intmm"), 2), fmt(opt),
+                     fmt(us["bf16"] / opt if opt and "bf16" in us else None, 2), fmt(c.get("ours_back_to_back_us")),
+                     err_cell(c, "ours")])
+    return text_table(head, rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="two shapes, two M")
-    p.add_argument("--rep-ms", type=int, default=30, help="do_bench measuring time per method and case")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new case after this many seconds (the cases left are listed as skipped), so "
-                        "that a time-limited run still writes its JSON and table")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="check this script without a GPU: tiny shapes on CPU tensors through the Triton "
-                        "interpreter (set TRITON_INTERPRET=1); timings are meaningless and ours is the CPU "
-                        "op there")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
-                                                  "int8_linear_gpu.json"))
-    args = p.parse_args(argv)
-    if args.cpu_dry_run:
-        dev, timer = torch.device("cpu"), wall_times_ms
-        args.out = os.path.join(os.path.dirname(args.out), "int8_linear_gpu_cpu_dry_run.json")
-    elif torch.cuda.is_available():
-        dev, timer = torch.device("cuda"), gpu_times_ms
-    else:
-        print("bench_int8_linear_gpu: no CUDA device (--cpu-dry-run checks the script without one)",
-              file=sys.stderr)
+    started = start(__doc__, "int8_linear", "two shapes, two M", 30, argv,
+                    dry_run_help="check this script without a GPU: tiny shapes on CPU tensors through the Triton "
+                                 "interpreter (set TRITON_INTERPRET=1); timings are meaningless and ours is the CPU "
+                                 "op there")
+    if started is None:
         return 2
+    args, dev, timer = started
 
-    import triton
-
-    import torchslim
-
-    todo = case_list(QUICK_SHAPES, QUICK_MS, quick=True) if args.quick else case_list(SHAPES, MS)
-    if args.cpu_dry_run:
-        todo = [(N, K, M) for N, K in [(40, 72), (24, 33)] for M in [1, 17]]
-    t0 = time.time()
-    cases, skipped = [], []
-    for N, K, M in todo:
-        if args.budget_s is not None and time.time() - t0 > args.budget_s:
-            skipped.append([N, K, M])
-            continue
-        try:
-            cases.append(bench_case(N, K, M, args.rep_ms, dev, timer))
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            cases.append({"N": N, "K": K, "M": M, "us": {}, "rel_err": {},
-                          "errors": {"case": traceback.format_exc(limit=1)}})
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        print(f"  N={N} K={K} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
-              + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
-
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        device = {"device": props.name, "sm_count": props.multi_processor_count,
-                  "capability": f"{props.major}.{props.minor}"}
-    else:
-        device = {"device": "cpu (dry run through the Triton interpreter)"}
+    run = run_cases(case_list(args, SHAPES, MS, QUICK_SHAPES, QUICK_MS), ("N", "K", "M"),
+                    lambda N, K, M: bench_case(N, K, M, args.rep_ms, dev, timer), args.budget_s, dev)
+    device = device_info(dev, dry_run="cpu (dry run through the Triton interpreter)")
     result = {
-        "benchmark": "int8_linear_gpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **device,
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "torchslim": torchslim.__version__, "python": platform.python_version(),
-        "info": torchslim.info(),
-        "timing": "GPU median of triton.testing.do_bench (L2 cleared before each call); x bfloat16",
-        "methods": METHODS, "runtime_s": round(time.time() - t0, 1), "cases": cases,
-        "skipped_over_budget": skipped,
+        **result_header("int8_linear_gpu", device),
+        "timing": "per-call GPU (device) time from CUDA events (median; p20/p80 in us_p20_p80), host queued ahead "
+                  "behind a sleep kernel, rotating int8 weight + scale copies (bf16: bf16 weight copies; count in "
+                  "weight_copies) beyond twice the L2; ours_back_to_back_us: wall time per call back to back, host "
+                  "overhead included; x bfloat16",
+        "methods": METHODS, **run,
     }
-    write_result(result, args.out)
-
-    print(f"\nint8_linear on {device['device']} (torch {torch.__version__}, triton {triton.__version__}), "
-          f"bf16 activations, times in us (GPU, cold L2); ratios = t(baseline) / t(ours), > 1: ours faster")
-    print("gemm: the Triton GEMM alone on pre-quantized x; b2b: ours back to back incl. host overhead; "
-          "*: torch._int_mm needed padded rows")
-    print_table(table(cases), cases)
-    print_skipped(skipped, args.budget_s)
-    return 0
+    return finish(result, args,
+                  f"int8_linear on {device['device']} (torch {result['torch']}, triton {result['triton']}), "
+                  f"bf16 activations, times in us (GPU device time, weight from HBM); ratios = t(baseline) / t(ours), "
+                  f"> 1: ours faster",
+                  "gemm: the Triton GEMM alone on pre-quantized x; opt-in: the CUTLASS sm_90a GEMM (M >= 64) or the "
+                  "decode kernel (M <= 16) where built; b2b: ours back to back incl. host overhead; "
+                  "*: torch._int_mm needed padded rows", table(run["cases"]))
 
 
 if __name__ == "__main__":

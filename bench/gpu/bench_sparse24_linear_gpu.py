@@ -9,33 +9,33 @@ registers) against what a user would otherwise run, side by side in one process 
   cusparselt  the same with the cuSPARSELt backend, where torch has it
 
 Every method multiplies the same 2:4-pruned weight (compress.prune_24 of a random matrix). Times are
-GPU medians from triton.testing.do_bench, which clears the L2 cache before every call; on top of
-that each method cycles through several copies of its weight (together more than twice the L2),
-so small-M cases stream the weight from HBM as they would in a model. `b2b` is ours_bf16 called
-back to back over the same rotating copies (no cache clearing, host-side overhead included).
+per-call GPU (device) times from CUDA events, medians (20th / 80th percentiles in the JSON), measured
+after a warm-up while a sleep kernel holds the GPU so that the host queues every timed call ahead of
+it (gpu_bench_common.gpu_times_us): each time spans the call's kernels only, not the host's dispatch
+of the call, which at small M takes longer than the kernels. Each method cycles through copies of its
+weight, as many as make the compressed weights (values + metadata) exceed twice the L2 (capped at
+MAX_COPIES), so small-M cases stream the weight from HBM as they would in a model. `b2b` is ours_bf16
+called back to back over the same rotating copies, wall clock, host overhead included.
 Ratios are speedups t(baseline) / t(ours_bf16): > 1 means ours is faster; `semi/ours` takes the
 faster of the two semi-structured backends.
 
     python bench/gpu/bench_sparse24_linear_gpu.py            # all shapes
     python bench/gpu/bench_sparse24_linear_gpu.py --quick    # two shapes, two M
+    python bench/gpu/bench_sparse24_linear_gpu.py --cpu-dry-run  # the script itself, without a GPU
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import math
 import os
-import platform
 import sys
-import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_int8_linear_gpu import (back_to_back_us, case_list, gpu_times_ms, max_rel_err,  # noqa: E402
-                                  print_skipped, print_table, sync, wall_times_ms, write_result)
+from gpu_bench_common import (  # noqa: E402
+    Rotating, back_to_back_us, case_list, copies_for, device_info, err_cell, finish, fmt, result_header,
+    run_cases, start, text_table, time_method,
+)
 
 # (N, K): a 4096 square (Llama-7B's attention projections), Llama-7B's MLP up/gate and down
 # projections, then MiniLM / BERT-base layers. Large shapes first: a --budget-s cut drops the small ones.
@@ -44,25 +44,9 @@ MS = [1, 16, 128, 512, 2048]
 QUICK_SHAPES = [(4096, 4096), (384, 1536)]
 QUICK_MS = [1, 512]
 METHODS = ["ours_bf16", "ours_fp16", "ours_cslt", "dense", "cutlass", "cusparselt"]
-MAX_COPIES = 16
-
-
-class Rotating:
-    """Calls fns[0], fns[1], ... in turn: one weight copy per call."""
-
-    def __init__(self, fns):
-        self.fns, self.i = fns, 0
-
-    def __call__(self):
-        fn = self.fns[self.i]
-        self.i = (self.i + 1) % len(self.fns)
-        return fn()
-
-
-def copies_for(weight_bytes: int, dev: torch.device) -> int:
-    """How many weight copies exceed twice the L2 (capped)."""
-    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20) if dev.type == "cuda" else 1 << 20
-    return max(1, min(MAX_COPIES, math.ceil(2 * l2 / max(1, weight_bytes))))
+# Enough copies that even the smallest shape's compressed weight (384 x 1536: 0.66 MB) exceeds twice a
+# 60 MiB L2 (an H100 / H200 has 50 MB).
+MAX_COPIES = 256
 
 
 def semi_structured(w: torch.Tensor, cutlass: bool):
@@ -89,7 +73,7 @@ def cusparselt_path(x, values, meta, bias):
     return y
 
 
-def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu_times_ms) -> dict:
+def bench_case(N: int, K: int, M: int, rep_ms: float, dev: torch.device, timer) -> dict:
     from torchslim.compress import prune_24
     from torchslim.formats import sparse24
 
@@ -102,7 +86,9 @@ def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu
     x16, w16, bias16 = x32.half(), w32.half(), b32.half()
     values, meta = sparse24.pack(w)
     values16, meta16 = sparse24.pack(w16)
-    copies = copies_for(N * K * 2, dev)
+    # Sized on the compressed weight, the smallest that any method streams (dense's is ~1.8x larger).
+    copies = copies_for(values.numel() * values.element_size() + meta.numel() * meta.element_size(), dev,
+                        MAX_COPIES)
 
     case: dict = {"N": N, "K": K, "M": M, "weight_copies": copies, "us": {}, "errors": {}, "rel_err": {}}
     builders = {
@@ -116,28 +102,15 @@ def bench_case(N: int, K: int, M: int, rep_ms: int, dev: torch.device, timer=gpu
     # Float64 references of the same pruned layer, from the inputs each method sees.
     ref = x.double() @ w.double().T + bias.double()
     ref16 = x16.double() @ w16.double().T + bias16.double()
-    fns = {}
     if M < 128:
         del builders["ours_cslt"]  # the path is for compute-bound M (SPARSE24_TENSOR_CORE_MIN_M)
+    fns = {}
     for name, build in builders.items():
-        try:
-            fn = Rotating([build() for _ in range(copies)])
-            y = fn()  # first call: compiles and autotunes outside the timing
-            sync(dev)
-            case["rel_err"][name] = max_rel_err(y, ref16 if name == "ours_fp16" else ref)
-            med, p20, p80 = timer(fn, rep_ms)
-            case["us"][name] = 1e3 * med
-            case.setdefault("us_p20_p80", {})[name] = [1e3 * p20, 1e3 * p80]
-            fns[name] = fn
-        except Exception as e:  # noqa: BLE001  (a missing backend must not hide the other numbers)
-            case["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if "ours_bf16" in fns:
-        case["ours_back_to_back_us"] = back_to_back_us(fns["ours_bf16"], dev, calls=100 if dev.type == "cuda" else 2)
+        fns[name] = time_method(case, name, lambda: Rotating([build() for _ in range(copies)]),
+                                ref16 if name == "ours_fp16" else ref, rep_ms, dev, timer)
+    if fns.get("ours_bf16") is not None:
+        case["ours_back_to_back_us"] = back_to_back_us(fns["ours_bf16"], dev)
     return case
-
-
-def fmt(v, digits=1):
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def table(cases: list[dict]) -> str:
@@ -154,88 +127,38 @@ def table(cases: list[dict]) -> str:
                      fmt(us["dense"] / o if o and "dense" in us else None, 2),
                      fmt(semi / o if o and semi else None, 2),
                      fmt(us["dense"] / cslt if cslt and "dense" in us else None, 2), fmt(c.get("ours_back_to_back_us")),
-                     f"{c['rel_err']['ours_bf16']:.1e}" if "ours_bf16" in c["rel_err"] else "-"])
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+                     err_cell(c, "ours_bf16")])
+    return text_table(head, rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="two shapes, two M")
-    p.add_argument("--rep-ms", type=int, default=25, help="do_bench measuring time per method and case")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new case after this many seconds (the cases left are listed as skipped), so "
-                        "that a time-limited run still writes its JSON and table")
-    p.add_argument("--cpu-dry-run", action="store_true",
-                   help="check this script without a GPU: tiny shapes on CPU tensors; timings are meaningless, "
-                        "ours is the CPU op there and the semi-structured backends fail (CUDA only)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
-                                                  "sparse24_linear_gpu.json"))
-    args = p.parse_args(argv)
-    if args.cpu_dry_run:
-        dev, timer = torch.device("cpu"), wall_times_ms
-        args.out = os.path.join(os.path.dirname(args.out), "sparse24_linear_gpu_cpu_dry_run.json")
-    elif torch.cuda.is_available():
-        dev, timer = torch.device("cuda"), gpu_times_ms
-    else:
-        print("bench_sparse24_linear_gpu: no CUDA device (--cpu-dry-run checks the script without one)",
-              file=sys.stderr)
+    started = start(__doc__, "sparse24_linear", "two shapes, two M", 25, argv,
+                    dry_run_help="check this script without a GPU: tiny shapes on CPU tensors; timings are "
+                                 "meaningless, ours is the CPU op there and the semi-structured backends fail "
+                                 "(CUDA only)")
+    if started is None:
         return 2
+    args, dev, timer = started
 
-    import triton
-
-    import torchslim
-
-    todo = case_list(QUICK_SHAPES, QUICK_MS, quick=True) if args.quick else case_list(SHAPES, MS)
-    if args.cpu_dry_run:
-        todo = [(N, K, M) for N, K in [(40, 72), (24, 33)] for M in [1, 17]]
-    t0 = time.time()
-    cases, skipped = [], []
-    for N, K, M in todo:
-        if args.budget_s is not None and time.time() - t0 > args.budget_s:
-            skipped.append([N, K, M])
-            continue
-        try:
-            cases.append(bench_case(N, K, M, args.rep_ms, dev, timer))
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            cases.append({"N": N, "K": K, "M": M, "us": {}, "rel_err": {},
-                          "errors": {"case": traceback.format_exc(limit=1)}})
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        print(f"  N={N} K={K} M={M}: " + ", ".join(f"{k}={v:.1f}us" for k, v in cases[-1]["us"].items())
-              + "".join(f"  [{k}: {v}]" for k, v in cases[-1]["errors"].items()), flush=True)
-
+    run = run_cases(case_list(args, SHAPES, MS, QUICK_SHAPES, QUICK_MS), ("N", "K", "M"),
+                    lambda N, K, M: bench_case(N, K, M, args.rep_ms, dev, timer), args.budget_s, dev)
+    device = device_info(dev)
     if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        device = {"device": props.name, "sm_count": props.multi_processor_count,
-                  "capability": f"{props.major}.{props.minor}",
-                  "l2_bytes": getattr(props, "L2_cache_size", None),
-                  "cusparselt": torch.backends.cusparselt.is_available()}
-    else:
-        device = {"device": "cpu (dry run)"}
+        device["cusparselt"] = torch.backends.cusparselt.is_available()
     result = {
-        "benchmark": "sparse24_linear_gpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **device,
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "torchslim": torchslim.__version__, "python": platform.python_version(),
-        "info": torchslim.info(),
-        "timing": "GPU median of triton.testing.do_bench (L2 cleared before each call) over rotating weight "
-                  "copies; x bfloat16 (float16 for ours_fp16)",
-        "methods": METHODS, "runtime_s": round(time.time() - t0, 1), "cases": cases,
-        "skipped_over_budget": skipped,
+        **result_header("sparse24_linear_gpu", device),
+        "timing": "per-call GPU (device) time from CUDA events (median; p20/p80 in us_p20_p80), host queued ahead "
+                  "behind a sleep kernel, rotating weight copies (count in weight_copies) beyond twice the L2 in "
+                  "compressed bytes; ours_back_to_back_us: wall time per call back to back, host overhead "
+                  "included; x bfloat16 (float16 for ours_fp16)",
+        "methods": METHODS, **run,
     }
-    write_result(result, args.out)
-
-    print(f"\nsparse24_linear on {device['device']} (torch {torch.__version__}, triton {triton.__version__}), "
-          f"times in us (GPU, cold L2); ratios = t(baseline) / t(ours bf16), > 1: ours faster")
-    print("dense: cuBLAS bf16 on the pruned weight; cutlass / cusparselt: to_sparse_semi_structured backends; "
-          "semi/ours: the faster of the two; b2b: ours bf16 back to back incl. host overhead")
-    print_table(table(cases), cases)
-    print_skipped(skipped, args.budget_s)
-    return 0
+    return finish(result, args,
+                  f"sparse24_linear on {device['device']} (torch {result['torch']}, triton {result['triton']}), "
+                  f"times in us (GPU device time, weight from HBM); ratios = t(baseline) / t(ours bf16), "
+                  f"> 1: ours faster",
+                  "dense: cuBLAS bf16 on the pruned weight; cutlass / cusparselt: to_sparse_semi_structured backends; "
+                  "semi/ours: the faster of the two; b2b: ours bf16 back to back incl. host overhead", table(run["cases"]))
 
 
 if __name__ == "__main__":

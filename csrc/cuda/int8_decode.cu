@@ -75,7 +75,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxM = 16;
 // Largest K whose int32 sums cannot overflow for any int8 weight: |q| <= 127, |w| <= 128.
-// (The Triton kernel's MAX_K = 133145 assumes |w| <= 127; int8_linear itself stops at 65536.)
+// (The Triton kernel's MAX_K is the same bound; int8_linear itself stops at 65536.)
 constexpr int64_t kMaxK = (int64_t(2147483647)) / (127 * 128);
 // Weight bytes per CTA asked of L2 ahead of use: enough to cover phases 1 and 2, small enough that
 // a wave of CTAs (132 x 192 KiB = 25 MiB on an H100/H200) stays well inside L2.

@@ -5,7 +5,7 @@
 // a_q (M, K) int8, a_scale (M,) float32, b_q (N, K) int8, b_scale (N,) float32,
 // bias (N,) float32|bfloat16|float16 or None, out_dtype float32|bfloat16|float16  ->  out (M, N):
 //   out[m, n] = round_to_out_dtype(fmaf(float(acc[m, n]), a_scale[m] * b_scale[n], float(bias[n])))
-// with acc the exact int32 sum of a_q[m, k] * b_q[n, k] (exact for K <= 133145). The same semantics
+// with acc the exact int32 sum of a_q[m, k] * b_q[n, k] (exact for K <= 132104). The same semantics
 // as int8_matmul_dequant in triton_kernels/int8_linear.py (read its epilogue), including:
 //   - a NaN a_scale (a row of x with NaN/Inf; quantize_per_token gives it q = 0) makes its row NaN;
 //   - where a_scale[m] * b_scale[n] overflows to Inf, or underflows below FLT_MIN while both are
@@ -73,9 +73,9 @@ namespace {
 using namespace cute;
 
 constexpr const char* kOp = "_int8_gemm_sm90";
-// Largest K for which sum_k q_a * q_b cannot leave int32 with |q| <= 127: the bound of the Triton
-// kernel (MAX_K) and of the CPU op.
-constexpr int64_t kMaxK = (int64_t(2147483647)) / (127 * 127);
+// Largest K for which sum_k q_a * q_b cannot leave int32 (|q_a| <= 127, q_b may be -128): the
+// bound of the Triton kernel (MAX_K); int8_linear itself stops at 65536.
+constexpr int64_t kMaxK = (int64_t(2147483647)) / (127 * 128);
 constexpr int kAlignBytes = 16;  // TMA: 16-byte aligned base addresses and row strides
 
 // ---------------------------------------------------------------------------------------------
