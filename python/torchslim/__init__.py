@@ -10,8 +10,10 @@ from . import ops  # the typed wrappers and fakes
 from . import _cuda_registration  # registers the Triton kernels for CUDA where Triton is installed
 from ._info import info
 from .nn import CSRLinear, Int8Linear, LowRankLinear, Sparse24Linear
-from .patch import (CSRConfig, Int8Config, LowRankConfig, PatchReport, Sparse24Config, patch_model,
-                    unpatch_model)
+from .patch import (CSRConfig, Int8Config, LowRankConfig, PatchedLayer, PatchReport, Sparse24Config,
+                    default_filter, patch_model, unpatch_model)
+from .auto import AutoConfig
+from .checkpoint import load_compressed, save_compressed
 
 __version__ = _C.__version__
 set_cpu_isa = _C.set_cpu_isa
@@ -43,6 +45,7 @@ def _apply_cpu_isa_env() -> None:
 _apply_cpu_isa_env()
 
 __all__ = [
+    "AutoConfig",
     "CSRConfig",
     "CSRLinear",
     "Int8Config",
@@ -50,12 +53,16 @@ __all__ = [
     "LowRankConfig",
     "LowRankLinear",
     "PatchReport",
+    "PatchedLayer",
     "Sparse24Config",
     "Sparse24Linear",
     "cpu_isa",
+    "default_filter",
     "info",
+    "load_compressed",
     "ops",
     "patch_model",
+    "save_compressed",
     "set_cpu_isa",
     "unpatch_model",
 ]

@@ -3,8 +3,11 @@ calibration batches run through the model (compress.InputNorms for Wanda, compre
 for whitened SVD)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -32,12 +35,16 @@ class _LinearInputHooks:
         """What result() gives for one layer's statistics."""
         raise NotImplementedError
 
+    def _update_for(self, fqn: str, state: Any, x: Tensor) -> Any:
+        """_update for the layer named fqn (a collector whose statistics differ per layer overrides it)."""
+        return self._update(state, x)
+
     def _hook(self, fqn: str):
         def hook(module, args, kwargs):
             x = (args[0] if args else kwargs["input"]).detach()  # nn.Linear.forward(input)
             if x.dim() == 0 or x.shape[-1] != module.in_features:
                 return  # the layer's forward refuses this input; it is no calibration data
-            state = self._update(self._stats.get(fqn), x.reshape(-1, x.shape[-1]))
+            state = self._update_for(fqn, self._stats.get(fqn), x.reshape(-1, x.shape[-1]))
             if state is not None:
                 self._stats[fqn] = state
         return hook
@@ -60,3 +67,114 @@ class _LinearInputHooks:
             raise RuntimeError(f"{type(self).__name__}: no batch reached {', '.join(missing)}; "
                                "run the model inside the with block")
         return {fqn: self._finish(s) for fqn, s in self._stats.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# One pass for every statistic: what patch_model(..., calib_data=...) runs.
+
+# The statistics a layer may need: "absmax" (SmoothQuant), "norms" (Wanda), "covariance" (whitened SVD),
+# "sample" (a bounded sample of the layer's input rows: the report's output error, AutoConfig's choice).
+STATISTICS = ("absmax", "norms", "covariance", "sample")
+
+
+@dataclass
+class LayerStats:
+    """What one calibration pass gathered for one nn.Linear (each None where it was not asked for):
+    absmax (K,) float32, the absolute maximum of every input channel; norms (K,) float64, every input
+    feature's L2 norm; covariance (K, K) float64, sum(x^T x) / tokens; sample (n, K), the first n <=
+    max_tokens input rows the layer saw, in their dtype; tokens, the number of input rows seen."""
+
+    absmax: Tensor | None = None
+    norms: Tensor | None = None
+    covariance: Tensor | None = None
+    sample: Tensor | None = None
+    tokens: int = 0
+
+
+class CalibrationStats(_LinearInputHooks):
+    """The combined collector: ``needs`` maps each layer's name (the first name named_modules() gives a
+    shared layer) to the statistics it needs (a subset of STATISTICS); one pass over the calibration
+    batches gathers all of them, each layer only what it needs (the (K, K) covariance only where asked).
+    result() maps each reached layer's name to its LayerStats. max_tokens bounds the sample kept per
+    layer (its first rows)."""
+
+    def __init__(self, model: nn.Module, needs: dict[str, set[str]], max_tokens: int = 512) -> None:
+        unknown = sorted({s for wanted in needs.values() for s in wanted} - set(STATISTICS))
+        if unknown:
+            raise ValueError(f"CalibrationStats: unknown statistics {unknown}; known: {list(STATISTICS)}")
+        self._needs = {fqn: set(wanted) for fqn, wanted in needs.items() if wanted}
+        self._max_tokens = max_tokens
+        super().__init__(model, filter_fn=lambda module, fqn: fqn in self._needs)
+
+    def _update_for(self, fqn: str, state: dict | None, x: Tensor) -> dict | None:
+        if x.shape[0] == 0:
+            return state
+        wanted = self._needs[fqn]
+        state = state if state is not None else {"tokens": 0, "sample": []}
+        state["tokens"] += x.shape[0]
+        if "absmax" in wanted:
+            m = x.abs().amax(dim=0).float()
+            state["absmax"] = m if "absmax" not in state else torch.maximum(state["absmax"], m)
+        if "norms" in wanted or "covariance" in wanted:
+            xd = x.double()
+            if "norms" in wanted:
+                sq = xd.square().sum(0)
+                state["sumsq"] = sq if "sumsq" not in state else state["sumsq"] + sq
+            if "covariance" in wanted:
+                gram = xd.T @ xd
+                state["gram"] = gram if "gram" not in state else state["gram"] + gram
+        if "sample" in wanted:
+            have = sum(t.shape[0] for t in state["sample"])
+            if have < self._max_tokens:
+                state["sample"].append(x[: self._max_tokens - have].clone())
+        return state
+
+    def _finish(self, state: dict) -> LayerStats:
+        return LayerStats(absmax=state.get("absmax"),
+                          norms=state["sumsq"].sqrt() if "sumsq" in state else None,
+                          covariance=state["gram"] / state["tokens"] if "gram" in state else None,
+                          sample=torch.cat(state["sample"]) if state["sample"] else None,
+                          tokens=state["tokens"])
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Runs one calibration batch: a dict as model(**batch), a tuple or list as model(*batch), anything
+    else (a tensor) as model(batch)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def check_calib_data(calib_data: Any, caller: str) -> None:
+    """Refuses a calib_data that is one batch rather than an iterable of batches (a tensor iterates over
+    its rows, a dict over its keys: neither is what was meant)."""
+    if isinstance(calib_data, (Tensor, dict, str, bytes)) or not isinstance(calib_data, Iterable):
+        raise TypeError(f"{caller}: calib_data must be an iterable of model inputs (a list or DataLoader of "
+                        "tensors, dicts for model(**batch) or tuples for model(*batch)), got "
+                        f"{type(calib_data).__name__}" + ("; wrap a single batch in a list: [batch]"
+                                                          if isinstance(calib_data, (Tensor, dict)) else ""))
+
+
+def collect(model: nn.Module, calib_data: Iterable, needs: dict[str, set[str]], max_tokens: int = 512,
+            progress=None, caller: str = "collect") -> dict[str, LayerStats]:
+    """One pass of model over calib_data (see call_model) with the combined collector's hooks on the
+    layers named in needs, in torch.no_grad() and with every module in eval mode (each module's own
+    mode is restored afterwards, also when a batch raises). progress(iterable) may wrap the batches
+    (a progress bar). Returns each reached layer's LayerStats; an empty calib_data is an error."""
+    check_calib_data(calib_data, caller)
+    modes = [(m, m.training) for m in model.modules()]
+    batches = 0
+    try:
+        model.eval()
+        with torch.no_grad(), CalibrationStats(model, needs, max_tokens) as stats:
+            for batch in (progress(calib_data) if progress else calib_data):
+                call_model(model, batch)
+                batches += 1
+    finally:
+        for m, training in modes:
+            m.training = training
+    if batches == 0:
+        raise ValueError(f"{caller}: calib_data holds no batch")
+    return stats.result(require_all=False)

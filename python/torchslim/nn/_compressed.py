@@ -150,3 +150,25 @@ def float_problems(incoming: dict, module: nn.Module, assign: bool, names=("valu
             problems.append(f"{name} hold NaN or Inf" + (f" once cast to the layer's {target.dtype}"
                                                            if t.dtype != target.dtype else ""))
     return problems
+
+
+def layer_spec(module: nn.Module, dtype: torch.dtype, **facts) -> dict:
+    """A compressed layer's constructor facts, as JSON values (torchslim.save_compressed records them
+    per layer; _from_layer_spec rebuilds the empty layer from them): in/out features, whether it has
+    a bias, its float dtype by name, and the class's own facts (facts: JSON values too)."""
+    return {"in_features": module.in_features, "out_features": module.out_features,
+            "bias": module.bias is not None, "dtype": dtype_name(dtype), **facts}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def spec_dtype(spec: dict, layer: str) -> torch.dtype:
+    """The float dtype a layer spec names (layer_spec's 'dtype'); another name is refused."""
+    for dtype in FLOATS:
+        if dtype_name(dtype) == spec["dtype"]:
+            return dtype
+    raise ValueError(f"{layer}: dtype must be one of {', '.join(dtype_name(d) for d in FLOATS)}, "
+                     f"got {spec['dtype']!r}")

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
+from ._compressed import dtype_name, layer_spec, spec_dtype
 from ..compress.prune import check_importance, prune_unstructured
 from ..formats import csr as csr_format
 
@@ -83,6 +84,19 @@ class CSRLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The dense nn.Linear of the stored weight (same dtype and device)."""
         return dense_linear(self)
+
+    def _layer_spec(self) -> dict:
+        """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
+        in/out features, bias, float dtype, and "nnz" and "index_dtype" (the col dtype): the empty layer
+        takes the checkpoint's nnz on load; these record what it must turn out to be."""
+        return layer_spec(self, self.values.dtype, nnz=self.nnz, index_dtype=dtype_name(self.col.dtype))
+
+    @classmethod
+    def _from_layer_spec(cls, spec: dict, device=None) -> "CSRLinear":
+        """An empty layer of spec (as _layer_spec gives it), for load_state_dict to fill
+        (torchslim.load_compressed)."""
+        return cls(spec["in_features"], spec["out_features"], bias=spec["bias"], device=device,
+                   dtype=spec_dtype(spec, "CSRLinear"))
 
     def dense_weight(self) -> Tensor:
         """The (out_features, in_features) weight, expanded (a new tensor); the CSR is checked first."""

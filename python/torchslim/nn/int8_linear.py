@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..compress.quantize import quantize_weight_per_channel
 from ..formats import int8 as int8_format
+from ._compressed import layer_spec, spec_dtype
 
 
 class Int8Linear(nn.Module):
@@ -90,6 +91,18 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+    def _layer_spec(self) -> dict:
+        """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
+        in/out features, bias, float dtype, and "smooth": whether a SmoothQuant scale is stored."""
+        return layer_spec(self, self.orig_dtype, smooth=self.smooth_scale is not None)
+
+    @classmethod
+    def _from_layer_spec(cls, spec: dict, device=None) -> "Int8Linear":
+        """An empty layer of spec (as _layer_spec gives it), for load_state_dict to fill
+        (torchslim.load_compressed)."""
+        return cls(spec["in_features"], spec["out_features"], bias=spec["bias"], smooth=spec["smooth"],
+                   device=device, dtype=spec_dtype(spec, "Int8Linear"))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) float32|bfloat16|float16 -> (..., out_features) in x.dtype."""

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
+from ._compressed import layer_spec, spec_dtype
 from ..compress import lowrank as lowrank_compress
 
 
@@ -82,6 +83,18 @@ class LowRankLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The dense nn.Linear of U @ V (same dtype and device)."""
         return dense_linear(self, weight="V")
+
+    def _layer_spec(self) -> dict:
+        """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
+        in/out features, bias, float dtype, and "rank"."""
+        return layer_spec(self, self.V.dtype, rank=self.rank)
+
+    @classmethod
+    def _from_layer_spec(cls, spec: dict, device=None) -> "LowRankLinear":
+        """An empty layer of spec (as _layer_spec gives it), for load_state_dict to fill
+        (torchslim.load_compressed)."""
+        return cls(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], device=device,
+                   dtype=spec_dtype(spec, "LowRankLinear"))
 
     def dense_weight(self) -> Tensor:
         """The (out_features, in_features) weight U @ V (a new tensor), accumulated in float32."""

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
+from ._compressed import layer_spec, spec_dtype
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -69,6 +70,18 @@ class Sparse24Linear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The dense nn.Linear of the pruned weight (same dtype and device)."""
         return dense_linear(self)
+
+    def _layer_spec(self) -> dict:
+        """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
+        in/out features, bias, float dtype; nothing more (the shapes of values and metadata follow)."""
+        return layer_spec(self, self.values.dtype)
+
+    @classmethod
+    def _from_layer_spec(cls, spec: dict, device=None) -> "Sparse24Linear":
+        """An empty layer of spec (as _layer_spec gives it), for load_state_dict to fill
+        (torchslim.load_compressed)."""
+        return cls(spec["in_features"], spec["out_features"], bias=spec["bias"], device=device,
+                   dtype=spec_dtype(spec, "Sparse24Linear"))
 
     def dense_weight(self) -> Tensor:
         """The (out_features, in_features) pruned weight, expanded (a new tensor); the metadata is
