@@ -29,4 +29,6 @@ rm -rf "$ROOT/.whl-gpu"
 CUDACXX="${CUDACXX:-/usr/local/cuda-13.0/bin/nvcc}" "$VENV/bin/pip" wheel -q --no-build-isolation --no-deps \
   -w "$ROOT/.whl-gpu" -C build-dir=build/gpu312 \
   -C cmake.define.TORCHSLIM_CUDA=ON -C cmake.define.TORCHSLIM_CUDA_ARCHITECTURES=90a .
-ls -l "$ROOT"/.whl-gpu/*.whl
+# The sources the wheel was built from: run.sh builds anew where the tree it runs in differs.
+bash "$ROOT/bench/gpu/source_hash.sh" >"$ROOT/.whl-gpu/SOURCE_HASH"
+ls -l "$ROOT"/.whl-gpu/

@@ -42,6 +42,10 @@ installed=""
 pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 for whl in "$ROOT"/.whl-gpu/torchslim-*-"$pytag"-*.whl; do
   [ -e "$whl" ] || continue
+  if [ "$(cat "$ROOT/.whl-gpu/SOURCE_HASH" 2>/dev/null)" != "$(bash "$ROOT/bench/gpu/source_hash.sh")" ]; then
+    note "the prebuilt wheel was built from other sources than this tree (.whl-gpu/SOURCE_HASH); building instead"
+    break
+  fi
   note "installing the prebuilt wheel $(basename "$whl")"
   if "$PY" -m pip install -q --no-deps --no-index --force-reinstall "$whl" >"$RESULTS/install.log" 2>&1 &&
      (cd /tmp && "$PY" -c 'import torchslim; assert torchslim._C.cuda, "a CPU-only wheel"') >>"$RESULTS/install.log" 2>&1; then
