@@ -10,8 +10,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="version, torch, and which kernel runs each op on each device")
     sub.add_parser("demo", add_help=False,
-                   help="INT8 on the real model all-MiniLM-L6-v2: quality, latency, save/reload "
-                        "(needs pip install 'torchslim[demo]'; `torchslim demo --help` for options)")
+                   help="every method and auto on the real model all-MiniLM-L6-v2: quality, latency, "
+                        "bytes, save/reload, a plot (needs pip install 'torchslim[demo]'; "
+                        "`torchslim demo --help` for options)")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "demo":
         from . import demo
