@@ -230,7 +230,7 @@ def test_hf_llama_bf16_tied_embeddings(method, tmp_path):
     assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
 
 
-def test_hf_llama_compressed_lm_head_and_meta_warning(tmp_path):
+def test_hf_llama_compressed_lm_head_and_meta_refusal(tmp_path):
     model = _llama(0)
     # lm_head too (patch_model leaves output heads dense by default): the tie ends, in both models alike.
     patch_model(model, "int8", filter_fn=lambda m, fqn: True)
@@ -243,9 +243,12 @@ def test_hf_llama_compressed_lm_head_and_meta_warning(tmp_path):
     transformers = pytest.importorskip("transformers")
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM(model.config)
-    with pytest.warns(RuntimeWarning, match="inv_freq"):  # non-persistent: in no file
+    # The rotary inv_freq is a non-persistent buffer: in no file, it would stay on meta (garbage logits).
+    modules = [(n, type(m), id(m)) for n, m in meta.named_modules(remove_duplicate=False)]
+    with pytest.raises(ValueError, match=r"meta device and holds non-persistent buffers.*inv_freq.*on the CPU"):
         load_compressed(meta, tmp_path / "llama.safetensors")
-    assert_same(model, meta)
+    assert [(n, type(m), id(m)) for n, m in meta.named_modules(remove_duplicate=False)] == modules
+    assert all(t.is_meta for t in meta.state_dict().values())
 
 
 # ---- the file ---------------------------------------------------------------------------------------
@@ -453,3 +456,152 @@ def test_checkpoints_move_between_cuda_and_cpu(method, tmp_path):
     assert_same(on_cpu, on_cuda.cpu())
     x = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
     assert torch.equal(model.cuda()(x), on_cuda.cuda()(x))
+
+
+# ---- regressions --------------------------------------------------------------------------------------
+
+class Untied(Shared):
+    """Shared with its output layer's own weight (not tied to the embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out.weight = nn.Parameter(self.emb.weight.detach().clone())
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_refuses_ties_that_differ(meta, tmp_path):
+    for saved_cls, target_cls, match in ((Untied, Shared, r"the model ties emb.weight, out.weight .* the file stores "
+                                                          "them as separate tensors"),
+                                         (Shared, Untied, r"the file ties emb.weight, out.weight .* the model holds "
+                                                          "them as separate tensors")):
+        model = built(saved_cls, 0)
+        patch_model(model, "int8", filter_fn=lambda m, fqn: fqn != "out")
+        path = tmp_path / f"{saved_cls.__name__}.safetensors"
+        save_compressed(model, path)
+        if meta:
+            with torch.device("meta"):
+                target = target_cls()
+            modules = [(n, type(m), id(m)) for n, m in target.named_modules(remove_duplicate=False)]
+            with pytest.raises(ValueError, match=match):
+                load_compressed(target, path)
+            assert [(n, type(m), id(m)) for n, m in target.named_modules(remove_duplicate=False)] == modules
+        else:
+            _refused(built(target_cls, 1), path, match)
+        # Tied alike: loads.
+        if meta:
+            with torch.device("meta"):
+                same = saved_cls()
+        else:
+            same = built(saved_cls, 1)
+        assert_same(model, load_compressed(same, path))
+
+
+def test_refuses_hf_llama_ties_that_differ(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    untied = _llama(0)
+    untied.config.tie_word_embeddings = False
+    untied = built(transformers.LlamaForCausalLM, 0, config=untied.config).eval()
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    patch_model(untied, "int8")
+    save_compressed(untied, tmp_path / "untied.safetensors")
+    _refused(_llama(1), tmp_path / "untied.safetensors",
+             r"the model ties model.embed_tokens.weight, lm_head.weight .* separate tensors")
+    tied = _llama(0)
+    patch_model(tied, "int8")
+    save_compressed(tied, tmp_path / "tied.safetensors")
+    _refused(built(transformers.LlamaForCausalLM, 1, config=untied.config), tmp_path / "tied.safetensors",
+             r"the file ties model.embed_tokens.weight, lm_head.weight")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda layer: layer.update(rank=2 ** 40), r"records layer up as LowRankLinear\(.*rank=1099511627776.*but its "
+                                               r"tensors make V of shape \[\d+, 64\] \(the record makes "
+                                               r"\[1099511627776, 64\]\)"),
+    (lambda layer: layer.update(rank=-3), r"cannot build one: .*rank must be a non-negative int, got -3"),
+    (lambda layer: layer.update(rank="8"), r"cannot build one: .*rank must be a non-negative int, got '8'"),
+    (lambda layer: layer.update(rank=True), r"cannot build one: .*rank must be a non-negative int, got True"),
+], ids=["huge", "negative", "str", "bool"])
+def test_header_counts_are_checked_against_the_tensors_before_anything_is_allocated(saved, tmp_path, edit, match,
+                                                                                     monkeypatch):
+    bad = rewrite(saved, tmp_path / "bad.safetensors", header_fn=lambda h: edit(h["layers"][0]))
+    built_from = []
+    monkeypatch.setattr(LowRankLinear, "_from_layer_spec", classmethod(lambda cls, spec, device=None:
+                                                                       built_from.append(spec) or 1 / 0))
+    _refused(built(Stack, 1), bad, match)
+    assert built_from == []
+
+
+def test_csr_nnz_and_missing_tensors_are_checked_before_allocating(tmp_path):
+    path = tmp_path / "csr.safetensors"
+    save_compressed(patched_stack("csr"), path)
+
+    def nnz(h):
+        h["layers"][0]["nnz"] = 2 ** 40
+
+    _refused(built(Stack, 1), rewrite(path, tmp_path / "a.safetensors", header_fn=nnz),
+             r"records layer up as CSRLinear\(.*nnz=1099511627776.*but its tensors make col of shape")
+    _refused(built(Stack, 1), rewrite(path, tmp_path / "b.safetensors", tensors_fn=lambda t: t.pop("up.col")),
+             r"tensors for layer up \(CSRLinear\) are refused: it lacks col")
+    save_compressed(patched_stack("int8"), path)
+
+    def smooth(h):
+        h["layers"][1]["smooth"] = True  # down has no SmoothQuant scale stored
+
+    _refused(built(Stack, 1), rewrite(path, tmp_path / "c.safetensors", header_fn=smooth),
+             r"tensors for layer down \(Int8Linear\) are refused: it lacks smooth_scale")
+
+
+def test_saved_file_gets_the_default_or_the_replaced_files_mode(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        save_compressed(patched_stack("int8"), tmp_path / "new.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.safetensors").stat().st_mode) == 0o640  # 0o666 & ~0o027
+    (tmp_path / "old.safetensors").write_bytes(b"")
+    os.chmod(tmp_path / "old.safetensors", 0o604)
+    save_compressed(patched_stack("int8"), tmp_path / "old.safetensors")
+    assert stat.S_IMODE((tmp_path / "old.safetensors").stat().st_mode) == 0o604
+    load_compressed(built(Stack, 1), tmp_path / "old.safetensors")
+
+
+class WithNonPersistent(Stack):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freq", torch.arange(64, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x * self.freq)
+
+
+def test_meta_model_with_non_persistent_buffers_on_meta_is_refused(tmp_path):
+    model = built(WithNonPersistent, 0)
+    patch_model(model, "int8")
+    save_compressed(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        meta = WithNonPersistent()
+    modules = [(n, type(m), id(m)) for n, m in meta.named_modules(remove_duplicate=False)]
+    with pytest.raises(ValueError, match="non-persistent buffers.*: freq; .*Build the model on the CPU"):
+        load_compressed(meta, tmp_path / "m.safetensors")
+    assert [(n, type(m), id(m)) for n, m in meta.named_modules(remove_duplicate=False)] == modules
+    assert all(t.is_meta for t in meta.state_dict().values())
+    meta.freq = torch.arange(64, dtype=torch.float32)  # given its value on the CPU: accepted
+    load_compressed(meta, tmp_path / "m.safetensors")
+    assert_same(model, meta)
+    x = torch.randn(2, 64)
+    assert torch.equal(model(x), meta(x))
+    # Also on a real BERT: its position_ids / token_type_ids are non-persistent.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    bert = built(transformers.BertModel, 0, config=cfg).eval()
+    patch_model(bert, "int8")
+    save_compressed(bert, tmp_path / "bert.safetensors")
+    with torch.device("meta"):
+        meta_bert = transformers.BertModel(cfg)
+    if any(name not in meta_bert.state_dict() for name, _ in meta_bert.named_buffers()):
+        with pytest.raises(ValueError, match="non-persistent buffers.*position_ids"):
+            load_compressed(meta_bert, tmp_path / "bert.safetensors")

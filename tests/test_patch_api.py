@@ -2,6 +2,8 @@
 its forms, refusals), SmoothQuant, the report, AutoConfig, progress, and a patched tiny BERT that
 compiles and trains."""
 import json
+import math
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -87,8 +89,8 @@ def test_output_heads_stay_dense_by_default():
     assert type(bert.classifier) is nn.Linear and type(bert.bert.pooler.dense) is nn.Linear
     assert isinstance(bert.bert.encoder.layer[0].attention.self.query, Int8Linear)
     assert len(report.layers) == 12
-    assert {e.name: e.reason for e in report.kept_dense} == {"bert.pooler.dense": "output head (default filter_fn)",
-                                                             "classifier": "output head (default filter_fn)"}
+    assert {e.name: e.reason for e in report.kept_dense} == {"bert.pooler.dense": "output head (default filter)",
+                                                             "classifier": "output head (default filter)"}
     everything = transformers.BertForSequenceClassification(_bert_config(transformers))
     assert len(patch_model(everything, "int8", filter_fn=lambda m, fqn: True).layers) == 14
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -371,3 +373,215 @@ def test_a_patched_tiny_bert_compiles_fullgraph_and_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------- regressions
+
+class _Batch(Mapping):
+    """A read-only mapping that is not a dict, as a tokenizer's BatchEncoding (a UserDict) is not."""
+
+    def __init__(self, **kw):
+        self._d = kw
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+
+def test_any_mapping_batch_runs_as_keywords_and_a_bare_batch_is_refused():
+    torch.manual_seed(10)
+    xs = batches()
+    a, b = Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    patch_model(a, CSRConfig(sparsity=0.5, method="wanda"), calib_data=[_Batch(x=x, scale=2.0) for x in xs])
+    patch_model(b, CSRConfig(sparsity=0.5, method="wanda"), calib_data=[{"x": x, "scale": 2.0} for x in xs])
+    assert torch.equal(a.attn["k"].values, b.attn["k"].values)
+    for bare in (_Batch(x=xs[0]), (xs[0], xs[1]), {"x": xs[0]}, xs[0]):  # one batch, not an iterable of them
+        model = Tiny()
+        with pytest.raises(TypeError, match="wrap a single batch in a list"):
+            patch_model(model, "int8", calib_data=bare)
+        assert type(model.attn["q"]) is nn.Linear
+    patch_model(Tiny(), "int8", calib_data=[(xs[0], 2.0), (xs[1], 1.0)])  # a list of tuples: batches
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    bert = transformers.BertModel(_bert_config(transformers)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    enc = transformers.BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    report = patch_model(bert, Int8Config(smooth_alpha=0.5), calib_data=[enc])
+    assert len(report.layers) == 12 and all(e.error is not None for e in report.layers)
+    with pytest.raises(TypeError, match="wrap a single batch in a list"):
+        patch_model(transformers.BertModel(_bert_config(transformers)), "int8", calib_data=enc)
+
+
+def test_user_hooks_neither_fire_during_measurement_nor_distort_it():
+    xs = batches(n=2)
+    torch.manual_seed(12)
+    expected = patch_model(Tiny(), "int8", calib_data=xs).layers[0].error
+    for config in ("int8", AutoConfig(max_error=1.0, methods=("int8",), repeats=2)):
+        torch.manual_seed(12)
+        model = Tiny()
+        calls = []
+        q = model.attn["q"]
+        q.register_forward_pre_hook(lambda m, args: calls.append("pre") or (args[0] * 2,))
+        q.register_forward_hook(lambda m, args, out: calls.append("post") or out + 100.0)
+        report = patch_model(model, config, calib_data=[x / 2 for x in xs])
+        assert calls == ["pre", "post"] * len(xs)  # the calibration pass only: no hook while measuring or timing
+        entry = next(e for e in report.layers + report.kept_dense if e.name == "attn.q")
+        # Measured on the layer's own inputs (after the user's pre-hook), both sides bare: the error of int8
+        # on those inputs, as without hooks (not the +100 of the hook, nor inputs doubled twice).
+        error = entry.candidates["int8"]["error"] if entry.candidates else entry.error
+        assert error == pytest.approx(expected, rel=1e-6)
+        if entry.method == "int8":
+            model(xs[0])  # the hooks moved to the new layer
+            assert calls[-2:] == ["pre", "post"]
+
+
+def test_a_shared_layer_dense_under_all_its_names_and_equal_configs_are_accepted():
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(16, 16))
+    report = patch_model(model, {"0": None, "3": "int8"})  # 0 -> None, 2 -> no pattern: dense alike
+    assert model[0] is lin and model[2] is lin and isinstance(model[3], Int8Linear)
+    assert [(e.name, e.aliases, e.reason) for e in report.kept_dense] == [("0", ("2",), "pattern '0' -> None")]
+    scale = torch.rand(16) + 0.5
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    report = patch_model(model, {"0": Int8Config(smooth_scales={"0": scale}),
+                                 "2": Int8Config(smooth_scales={"0": scale.clone()})})  # equal, not identical
+    assert isinstance(model[0], Int8Linear) and model[0] is model[2]
+    assert torch.equal(model[0].smooth_scale, scale) and report.layers[0].aliases == ("2",)
+    lin = nn.Linear(16, 16)
+    with pytest.raises(ValueError, match="resolve to different configs"):
+        patch_model(nn.Sequential(lin, nn.ReLU(), lin), {"0": Int8Config(), "2": Int8Config(smooth_scales={"2": scale})})
+
+
+class _SharedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.out_proj = nn.Linear(16, 8)
+        self.lm_head = self.out_proj  # the output head under another name too
+
+    def forward(self, x):
+        return self.lm_head(self.body(x))
+
+
+def test_a_shared_output_head_stays_dense_by_default():
+    model = _SharedHead()
+    report = patch_model(model, "int8")
+    assert isinstance(model.body, Int8Linear) and type(model.out_proj) is nn.Linear and model.lm_head is model.out_proj
+    assert [(e.name, e.aliases, e.reason) for e in report.kept_dense] == [
+        ("out_proj", ("lm_head",), "output head (default filter)")]
+    model = _SharedHead()
+    patch_model(model, {"*": "int8"})
+    assert type(model.out_proj) is nn.Linear
+    with pytest.raises(ValueError, match="filter accepts only out_proj"):  # a user filter that splits it
+        patch_model(_SharedHead(), "int8", filter_fn=lambda m, fqn: fqn != "lm_head")
+    model = _SharedHead()
+    patch_model(model, "int8", filter_fn=lambda m, fqn: True)
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head is model.out_proj
+
+
+class _WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.lm_head(self.body(x))
+
+
+def test_an_explicit_pattern_or_a_config_filter_overrides_the_default_head_filter():
+    model = _WithHead()
+    report = patch_model(model, {"lm_head": "int8", "*": "2:4"})
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.body, Sparse24Linear)
+    assert report.kept_dense == []
+    model = _WithHead()
+    patch_model(model, {"*": Int8Config(filter_fn=lambda m, fqn: True)})
+    assert isinstance(model.lm_head, Int8Linear)
+    model = _WithHead()
+    patch_model(model, Int8Config(filter_fn=lambda m, fqn: True))
+    assert isinstance(model.lm_head, Int8Linear)
+    for config in ({"*": "int8"}, {"*head": "int8", "*": "int8"}):  # a glob is no explicit choice of the head
+        model = _WithHead()
+        report = patch_model(model, config)
+        assert type(model.lm_head) is nn.Linear and isinstance(model.body, Int8Linear)
+        assert [(e.name, e.reason) for e in report.kept_dense] == [("lm_head", "output head (default filter)")]
+    model = _WithHead()  # a config filter that refuses: its reason
+    report = patch_model(model, {"*": Int8Config(filter_fn=lambda m, fqn: fqn == "body")})
+    assert [(e.name, e.reason) for e in report.kept_dense] == [("lm_head", "filter_fn")]
+
+
+def test_vocabulary_heads_of_masked_lms_stay_dense_by_default():
+    for name in ("cls.predictions.decoder", "cls.predictions.transform.dense", "lm_head.decoder", "lm_head.dense",
+                 "model.score", "roberta.pooler.dense"):
+        assert is_output_head(name), name
+    assert not is_output_head("encoder.layer.0.attention.self.query") and not is_output_head("decoder.layers.0.fc1")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(13)
+    bert = transformers.BertForMaskedLM(_bert_config(transformers))
+    report = patch_model(bert, "int8")
+    assert type(bert.cls.predictions.decoder) is nn.Linear and type(bert.cls.predictions.transform.dense) is nn.Linear
+    assert {e.name for e in report.kept_dense} == {"cls.predictions.transform.dense", "cls.predictions.decoder"}
+    assert len(report.layers) == 12
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_in_features_zero_layers_calibrate_patch_and_report():
+    model = nn.Sequential(nn.Linear(0, 8), nn.Linear(8, 4))
+    data = [torch.randn(3, 0), torch.randn(2, 5, 0)]
+    with InputNorms(model) as norms, InputAbsMax(model) as amax, InputCovariance(model) as cov:
+        for x in data:
+            model(x)
+    assert norms.result()["0"].shape == (0,) and amax.result()["0"].shape == (0,) and cov.result()["0"].shape == (0, 0)
+    for config in ("int8", Int8Config(smooth_alpha=0.5), Sparse24Config(method="wanda"),
+                   CSRConfig(sparsity=0.5, method="wanda")):
+        model = nn.Sequential(nn.Linear(0, 8), nn.Linear(8, 4))
+        bias = model[0].bias.detach().clone()
+        report = patch_model(model, config, calib_data=data)
+        assert report.layers[0].name == "0" and report.layers[0].error == 0.0  # the output is the bias, exactly
+        torch.testing.assert_close(model[0](torch.randn(2, 0)), bias.expand(2, 8))
+    with pytest.raises(ValueError, match=r"LowRankConfig, layer 0 \(8 x 0\): .*filter_fn can leave the layer dense"):
+        patch_model(nn.Sequential(nn.Linear(0, 8)), "lowrank", calib_data=data)
+
+
+def test_report_to_dict_is_strict_json_with_inf_in_calibration_data():
+    x = torch.randn(4, 32)
+    x[0, 0] = float("inf")
+    report = patch_model(Tiny(), "int8", calib_data=[x])
+    assert any(e.error is None or not math.isfinite(e.error) for e in report.layers)
+    d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert all(layer["error"] is None or math.isfinite(layer["error"]) for layer in d["layers"])
+    assert "attn.q" in str(report)
+    report = patch_model(Tiny(), AutoConfig(max_error=1.0, methods=("int8",), repeats=1), calib_data=[x])
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_a_pattern_that_matches_no_linear_is_refused():
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"pattern 'atn\.\*' matches no nn.Linear"):
+        patch_model(model, {"atn.*": "int8", "*": None})
+    with pytest.raises(ValueError, match=r"patterns 'mlp\.1', 'x' match no nn.Linear"):
+        patch_model(model, {"mlp.1": "int8", "x": None})  # mlp.1 is the ReLU
+    assert type(model.attn["q"]) is nn.Linear
+    patch_model(model, {"mlp.*": "int8", "*": None})
+    assert isinstance(model.mlp[0], Int8Linear)
+
+
+def test_smooth_scales_are_checked_up_front_and_conversion_errors_name_the_layer():
+    with pytest.raises(TypeError, match="smooth_scales values must be tensors.*attn.q"):
+        Int8Config(smooth_scales={"attn.q": [1.0] * 32})
+    with pytest.raises(TypeError, match="smooth_scales must be a dict"):
+        Int8Config(smooth_scales=[torch.ones(32)])
+    scale = torch.ones(32)
+    scale[2] = 0.0
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"^Int8Config, layer attn.k \(32 x 32\): .*smooth_scale\[2\] is 0"):
+        patch_model(model, Int8Config(smooth_scales={"attn.k": scale}))
+    with pytest.raises(ValueError, match=r"^Sparse24Config, layer attn.q \(32 x 32\): "):
+        patch_model(model, Sparse24Config(method="wanda", importance={"attn.q": torch.ones(5)}), calib_data=batches())
+    assert type(model.attn["k"]) is nn.Linear

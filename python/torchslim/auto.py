@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .compress.calibration import LayerStats
-from .patch import METHOD_NAMES, CSRConfig, FilterFn, Int8Config, LowRankConfig, Sparse24Config, relative_error
+from .patch import (METHOD_NAMES, CSRConfig, FilterFn, Int8Config, LowRankConfig, Sparse24Config, bare_forward,
+                    relative_error)
 
 # The candidate of each method unless AutoConfig(candidates=...) overrides it.
 _CONFIG_OF = {"int8": Int8Config, "2:4": Sparse24Config, "csr": CSRConfig, "lowrank": LowRankConfig}
@@ -33,7 +34,7 @@ class AutoConfig:
     method in `methods` is converted with its candidate config and measured on the layer's own calibration
     inputs (a sample of up to max_tokens rows per layer, see patch_model): its relative output error
     ||y_c - y|| / ||y|| and its time on this device at that shape (the median of `repeats` runs after one
-    warm-up, the dense layer timed alike). The layer gets the fastest method whose error is at most
+    warm-up, the dense layer timed alike; each runs bare, without the model's hooks). The layer gets the fastest method whose error is at most
     max_error; it stays dense where none is within the budget, or where the dense layer is faster than
     every method that is. The report gives, per layer, the chosen method, the reason, and each candidate's
     error and time (PatchedLayer.candidates).
@@ -143,15 +144,17 @@ class AutoConfig:
 
 
 def _median_ms(module: nn.Module, x: Tensor, repeats: int) -> float:
-    """The median time of module(x) in milliseconds over repeats runs, after one warm-up run."""
+    """The median time of module's bare forward on x (bare_forward: without its hooks, which the
+    replacement does not have yet) in milliseconds over repeats runs, after one warm-up run."""
+    run = bare_forward(module)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
     with torch.no_grad():
-        module(x)
+        run(x)
         sync()
         for _ in range(repeats):
             start = time.perf_counter()
-            module(x)
+            run(x)
             sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3

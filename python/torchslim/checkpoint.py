@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
-import warnings
 from itertools import chain
 
 import torch
@@ -60,7 +60,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     bit-exactly.
 
     The file is written next to path and renamed into place, so a failed save leaves no partial
-    file (and an existing file at path as it was). Refused: a model holding tensors on the meta
+    file (and an existing file at path as it was); it gets the mode of the file it replaces, else the
+    default mode of a new file (0o666 less the umask). Refused: a model holding tensors on the meta
     device (no values), sparse tensors or non-tensor extra state (safetensors stores dense tensors
     only), and subclasses of the torchslim layers (the reader could not rebuild them). A model
     without torchslim layers is saved too (an empty ``layers`` list)."""
@@ -88,8 +89,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Loads a file of save_compressed into model, a freshly built dense model of the same
-    architecture (e.g. ``BertModel(config)``, in the file's dtype; or built on the meta device), and
-    returns it (changed in place).
+    architecture (e.g. ``BertModel(config)``, in the file's dtype; or built on the meta device, see
+    below), and returns it (changed in place).
 
     At every name of each recorded layer the model must hold one nn.Linear (the same module at all
     the names of a shared layer, and at no other) of the recorded in/out features, bias and dtype;
@@ -101,12 +102,15 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     the same way (the recorded class at those names, e.g. patch_model run on a meta model) is
     accepted: its layers are replaced alike. Every other tensor is loaded with
     ``load_state_dict``; its keys are checked first against the file's, strictly (none missing, none
-    extra), with their shapes and dtypes (no cast: the round trip is bit-exact).
+    extra), with their shapes and dtypes (no cast: the round trip is bit-exact). The model's ties
+    (a parameter or buffer held under several names, e.g. tied word embeddings) must be the file's
+    ``tied``: a tie on one side only is refused, naming the tensors (one would overwrite the other).
 
     A model on the meta device is loaded with ``assign=True``: it takes the file's tensors, on the
-    CPU (move it after). Tied parameters stay tied. Non-persistent buffers are in no state_dict, so
-    they stay on meta (a warning names them; HF models rebuild such buffers, e.g. rotary
-    frequencies, in their own init).
+    CPU (move it after); tied parameters stay tied. Its non-persistent buffers (BERT's
+    ``position_ids``, a rotary embedding's ``inv_freq``) are in no state_dict, so no file can give
+    them values: a meta model that still holds any on meta is refused, naming them. Build such a
+    model on the CPU, or give those buffers their values (on the CPU) before loading.
 
     All or nothing: every check runs, and every compressed layer is built and loaded on the side,
     before the model changes; a failure raises a ValueError (TypeError for a model that is not an
@@ -116,7 +120,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     not safetensors or has no torchslim header, another format version, an unknown layer class, a
     layer name the model lacks or that is not an nn.Linear there, other features / bias / dtype, a
     shared layer that the model does not share alike, a model already patched otherwise, tensors
-    missing or extra, tensors a layer refuses, and a header that disagrees with its tensors."""
+    missing or extra, ties that differ, tensors a layer refuses, a header that disagrees with its
+    tensors (every count in it is checked against the stored shapes before anything is allocated), and
+    a meta model with non-persistent buffers on meta."""
     caller = "load_compressed"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
@@ -126,9 +132,11 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = dict(stored)
     state.update({alias: stored[key] for alias, key in tied.items()})
 
-    own = list(chain(model.parameters(), model.buffers()))
+    persistent = model.state_dict(keep_vars=True)
+    own = [t for t in persistent.values() if isinstance(t, torch.Tensor)]
     assign = any(t.is_meta for t in own)
-    if assign and not all(t.is_meta for t in own):
+    if (assign and not all(t.is_meta for t in own)) or (
+            not assign and any(t.is_meta for t in chain(model.parameters(), model.buffers()))):
         raise ValueError(f"{caller}: the model is partly on the meta device; build it all on meta (its tensors are "
                          "then taken from the file) or all with values (the file's are copied in)")
 
@@ -136,6 +144,15 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for fqn, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(fqn)
     recorded = {name for layer in layers for name in layer["names"]}
+    layer_prefixes = tuple(f"{name}." for name in recorded)
+    if assign:  # non-persistent buffers: in no file, so they would stay on meta, without values
+        left = [name for name, t in model.named_buffers(remove_duplicate=False)
+                if t.is_meta and name not in persistent and not name.startswith(layer_prefixes)]
+        if left:
+            raise ValueError(f"{caller}: the model is on the meta device and holds non-persistent buffers, which are "
+                             f"in no state_dict and so in no file: {_some(left)}; they would stay on meta, without "
+                             "values, and the model's forward would compute garbage. Build the model on the CPU "
+                             "(not on meta), or give these buffers their values (on the CPU) before loading")
     for module, names in _sites(model, lambda m: isinstance(m, _PATCHED_TYPES), caller).values():
         stray = [name for name in names if name not in recorded]
         if stray:
@@ -156,9 +173,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         swaps.append((layer["names"], target, new))
 
     rest = {key: t for key, t in state.items() if key not in keys_of_layers}
-    layer_prefixes = tuple(f"{name}." for name in recorded)
-    expected = {key: t for key, t in model.state_dict(keep_vars=True).items() if not key.startswith(layer_prefixes)}
+    expected = {key: t for key, t in persistent.items() if not key.startswith(layer_prefixes)}
     _check_rest(rest, expected, caller)
+    _check_ties(expected, tied, caller)
 
     _swap_all(model, swaps)
     try:
@@ -172,12 +189,6 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except BaseException:
         _swap_all(model, [(names, new, old) for names, old, new in swaps])
         raise
-    if assign:
-        left = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-        if left:
-            warnings.warn(f"{caller}: these tensors are in no state_dict (non-persistent buffers) and stay on the meta "
-                          f"device: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}; initialize them before use",
-                          RuntimeWarning, stacklevel=2)
     return model
 
 
@@ -232,11 +243,32 @@ def _write(tensors: dict, metadata: dict, path: str) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes the file 0600; the saved file gets the mode the file it replaces had, else that of
+        # any new file (0666 less the umask), as open(path, "w") would give it.
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it says, else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _version() -> str:
@@ -367,6 +399,22 @@ def _loaded_layer(layer: dict, target: nn.Module, tensors: dict, assign: bool, c
     (strict), with the recorded facts; not yet in the model."""
     cls, first = _CLASSES[layer["class"]], layer["names"][0]
     device = next(chain(target.parameters(), target.buffers())).device
+    # The record's counts (rank, nnz, features) against the stored shapes before anything is allocated
+    # from them: a corrupt header must not allocate (or zero-fill) what its numbers say.
+    try:
+        shapes = cls._spec_shapes(layer)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{caller}: the file's record of layer {first} ({cls.__name__}) cannot build one: "
+                         f"{type(e).__name__}: {e}") from None
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        raise ValueError(f"{caller}: the file's tensors for layer {first} ({cls.__name__}) are refused: it lacks "
+                         f"{', '.join(missing)}")
+    wrong = [f"{name} of shape {list(tensors[name].shape)} (the record makes {list(shape)})"
+             for name, shape in shapes.items() if tuple(tensors[name].shape) != tuple(shape)]
+    if wrong:
+        raise ValueError(f"{caller}: the file records layer {first} as {_describe(cls.__name__, _facts(layer))}, but "
+                         f"its tensors make {'; '.join(wrong)}")
     try:
         new = cls._from_layer_spec(layer, device=device)
     except (KeyError, TypeError, ValueError) as e:
@@ -405,6 +453,42 @@ def _check_rest(rest: dict, expected: dict, caller: str) -> None:
     if problems:
         raise ValueError(f"{caller}: the file does not match the model: " + "; ".join(problems[:6])
                          + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+
+
+def _tie_groups(tensors: dict) -> list[list[str]]:
+    """The keys of tensors that name one tensor (tied): on the meta device the same object, elsewhere
+    the same view of the same storage (what save_compressed stores once, under 'tied')."""
+    groups: dict = {}
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        ident = (id(t) if t.is_meta else
+                 (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+        groups.setdefault(ident, []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def _check_ties(expected: dict, tied: dict, caller: str) -> None:
+    """The model's ties among its tensors outside the compressed layers (expected) against the file's
+    (tied: alias -> stored key): a tie on one side only is refused, since loading would either overwrite
+    one tensor with the other or give two names one value where the file has two."""
+    file_groups: dict[str, list[str]] = {}
+    for alias, key in tied.items():
+        if alias in expected and key in expected:
+            file_groups.setdefault(key, [key]).append(alias)
+    model_groups = _tie_groups(expected)
+    in_file = {key: i for i, group in enumerate(file_groups.values()) for key in group}
+    in_model = {key: i for i, group in enumerate(model_groups) for key in group}
+    for group in model_groups:
+        if len({in_file.get(key, key) for key in group}) > 1:
+            raise ValueError(f"{caller}: the model ties {', '.join(group)} (one tensor under several names), but the "
+                             "file stores them as separate tensors (saved from a model without that tie); build the "
+                             "model with the same tying (e.g. tie_word_embeddings) as the saved one")
+    for group in file_groups.values():
+        if len({in_model.get(key, key) for key in group}) > 1:
+            raise ValueError(f"{caller}: the file ties {', '.join(group)} (saved from a model where they are one "
+                             "tensor), but the model holds them as separate tensors; build the model with the same "
+                             "tying (e.g. tie_word_embeddings) as the saved one")
 
 
 def _some(keys: list[str]) -> str:

@@ -1,12 +1,15 @@
 """patch_model / unpatch_model: swap nn.Linear layers for torchslim modules and back."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .compress.calibration import LayerStats
@@ -38,6 +41,13 @@ class Int8Config:
     def __post_init__(self) -> None:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("filter_fn must be callable(module, fqn) -> bool")
+        if not isinstance(self.smooth_scales, dict):
+            raise TypeError("Int8Config: smooth_scales must be a dict {layer name: (in_features,) tensor}, got "
+                            f"{type(self.smooth_scales).__name__}")
+        not_tensors = sorted(str(name) for name, v in self.smooth_scales.items() if not isinstance(v, torch.Tensor))
+        if not_tensors:
+            raise TypeError(f"Int8Config: smooth_scales values must be tensors (in_features,); not for "
+                            f"{', '.join(not_tensors)}")
         a = self.smooth_alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
             raise ValueError(f"Int8Config: smooth_alpha must be a number in [0, 1] or None, got {self.smooth_alpha!r}")
@@ -61,14 +71,16 @@ class Int8Config:
         statistics, where patch_model collected them)."""
         given = [name for name in names if name in self.smooth_scales]
         first = self.smooth_scales[given[0]] if given else None
-        if any(not torch.equal(torch.as_tensor(self.smooth_scales[n]), torch.as_tensor(first)) for n in given[1:]):
+        if any(not _same_value(self.smooth_scales[n], first) for n in given[1:]):
             raise ValueError(f"Int8Config.smooth_scales gives the shared layer {names[0]} several scales "
                              f"(under {', '.join(given)})")
-        scale = self.smooth_scales[given[0]] if given else None
+        scale = first
         if scale is None and self.smooth_alpha is not None:
             absmax = _stat(stats, "absmax", self.calib_needs(names))
-            scale = _smooth_scales(absmax, linear.weight, self.smooth_alpha)
-        return Int8Linear.from_linear(linear, smooth_scale=scale)
+            with _naming(self, linear, names):
+                scale = _smooth_scales(absmax, linear.weight, self.smooth_alpha)
+        with _naming(self, linear, names):
+            return Int8Linear.from_linear(linear, smooth_scale=scale)
 
 
 @dataclass
@@ -105,8 +117,9 @@ class Sparse24Config:
     def convert(self, linear: nn.Linear, names: tuple[str, ...], stats: LayerStats | None = None) -> nn.Module:
         """The Sparse24Linear of linear, reachable in the model under names (stats: its calibration
         statistics, where patch_model collected them)."""
-        return Sparse24Linear.from_linear(linear, importance=_layer_importance(self.importance, self.method, names,
-                                                                               "Sparse24Config", stats))
+        importance = _layer_importance(self.importance, self.method, names, "Sparse24Config", stats)
+        with _naming(self, linear, names):
+            return Sparse24Linear.from_linear(linear, importance=importance)
 
 
 @dataclass
@@ -151,7 +164,8 @@ class CSRConfig:
         """The CSRLinear of linear, reachable in the model under names (stats: its calibration
         statistics, where patch_model collected them)."""
         importance = _layer_importance(self.importance, self.method, names, "CSRConfig", stats)
-        return CSRLinear.from_linear(linear, sparsity=self.sparsity, importance=importance)
+        with _naming(self, linear, names):
+            return CSRLinear.from_linear(linear, sparsity=self.sparsity, importance=importance)
 
 
 @dataclass
@@ -223,12 +237,46 @@ class LowRankConfig:
         if first is None and self.whiten:
             first = _stat(stats, "covariance", self.calib_needs(names))
         default = self.rank is None and self.param_ratio is None and self.energy is None
-        try:
+        with _naming(self, linear, names, hint=" (patch_model's filter_fn can leave the layer dense)"):
             return LowRankLinear.from_linear(linear, rank=self.rank, energy=self.energy,
                                              param_ratio=0.5 if default else self.param_ratio, whitening=first)
-        except ValueError as e:
-            raise ValueError(f"LowRankConfig, layer {names[0]} ({linear.out_features} x {linear.in_features}): {e} "
-                             "(patch_model's filter_fn can leave the layer dense)") from e
+
+
+@contextmanager
+def _naming(config, linear: nn.Linear, names: tuple[str, ...], hint: str = ""):
+    """Names the layer in any error its conversion raises: "Int8Config, layer <name> (N x K): <error>"."""
+    try:
+        yield
+    except (ValueError, TypeError, RuntimeError) as e:
+        where = f"{type(config).__name__}, layer {names[0]} ({linear.out_features} x {linear.in_features})"
+        if type(e) in (ValueError, TypeError, RuntimeError):
+            raise type(e)(f"{where}: {e}{hint}") from e
+        e.add_note(f"(while converting {where})")  # a subclass (an out-of-memory error, ...): kept as it is
+        raise
+
+
+def _same_value(a, b) -> bool:
+    """Whether two config values are equal: tensors by value (same dtype, shape and device), dicts,
+    lists, tuples and dataclasses (configs) item by item, the rest by ==."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if (a.dtype, a.shape, a.device) != (b.dtype, b.shape, b.device) or a.is_meta:
+            return False
+        return bool(torch.equal(a, b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return (type(a) is type(b) and
+                all(_same_value(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a) if f.compare))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def _number_in(v, lo: float, hi: float, closed: bool) -> bool:
@@ -284,19 +332,19 @@ _CONFIG_TYPES = (Int8Config, Sparse24Config, CSRConfig, LowRankConfig)
 # The method name of each config, as the report and AutoConfig's `methods` spell it.
 METHOD_NAMES = {Int8Config: "int8", Sparse24Config: "2:4", CSRConfig: "csr", LowRankConfig: "lowrank"}
 
-# The names of output heads, which patch_model leaves dense unless filter_fn says otherwise: a layer whose
-# last name component is one of OUTPUT_HEAD_NAMES (lm_head: causal LMs; classifier: BERT-style
-# sequence/token classification; pooler; score: Llama-style sequence classification), or that sits inside
-# a "pooler" or "classifier" module (BERT's pooler.dense, RoBERTa's classifier.dense / classifier.out_proj).
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "pooler", "score")
-_HEAD_CONTAINERS = ("pooler", "classifier")
+# The names of output heads, which patch_model leaves dense unless a filter or an explicit pattern says
+# otherwise: a layer whose fully qualified name has a component in OUTPUT_HEAD_NAMES (lm_head: causal LMs,
+# RoBERTa's masked-LM lm_head.dense / lm_head.decoder; cls: BERT's masked-LM cls.predictions.*; classifier:
+# BERT-style sequence/token classification, RoBERTa's classifier.dense / classifier.out_proj; pooler:
+# BERT's pooler.dense; score: Llama-style sequence classification).
+OUTPUT_HEAD_NAMES = ("lm_head", "cls", "classifier", "pooler", "score")
 
 
 def is_output_head(fqn: str) -> bool:
-    """Whether the layer named fqn is an output head patch_model leaves dense by default (see
-    OUTPUT_HEAD_NAMES): heads are small next to the model, and their error reaches the output unattenuated."""
-    parts = fqn.split(".")
-    return parts[-1] in OUTPUT_HEAD_NAMES or any(p in _HEAD_CONTAINERS for p in parts[:-1])
+    """Whether the layer named fqn is an output head patch_model leaves dense by default: a component of
+    its name is one of OUTPUT_HEAD_NAMES. Heads are small next to the model (or, for a vocabulary
+    projection, sensitive), and their error reaches the output unattenuated."""
+    return any(part in OUTPUT_HEAD_NAMES for part in fqn.split("."))
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
@@ -356,9 +404,10 @@ class PatchReport:
         return sum(layer.params_after for layer in self.layers)
 
     def to_dict(self) -> dict:
-        """The report as plain dicts, lists, strings and numbers (json.dumps takes it)."""
+        """The report as plain dicts, lists, strings and numbers (json.dumps takes it); a NaN or infinite
+        error or time (calibration data holding Inf) is None, so that strict JSON parsers accept it."""
         def layer(entry: PatchedLayer) -> dict:
-            d = asdict(entry)
+            d = _finite_or_none(asdict(entry))
             d["aliases"] = list(entry.aliases)
             return d
         return {"method": self.method, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
@@ -383,6 +432,17 @@ class PatchReport:
         for row in rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
         return "\n".join(line.rstrip() for line in lines)
+
+
+def _finite_or_none(value):
+    """value with every NaN or infinite float (in dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _measured(candidates: dict | None) -> str:
@@ -476,17 +536,25 @@ def _swap_all(model: nn.Module, swaps: list[tuple[list[str], nn.Module, nn.Modul
 
 @dataclass
 class _Site:
-    """One nn.Linear of the model and what patch_model does with it: config (None: kept dense, for reason)."""
+    """One nn.Linear of the model and what patch_model does with it: config (None: kept dense, for reason).
+    configs: every config object its names resolve to (equal ones, for a shared layer under several
+    patterns), so that each counts the layer as converted."""
 
     linear: nn.Linear
     names: tuple[str, ...]
     config: object = None
     reason: str = ""
+    configs: tuple = ()
+
+
+# The reason of a layer that the default head filter keeps dense.
+_HEAD_REASON = "output head (default filter)"
 
 
 def _plan(model: nn.Module, config, filter_fn: FilterFn | None) -> list[_Site]:
     """Every nn.Linear of model with the config it gets (None where it stays dense, with the reason)."""
-    if isinstance(config, dict):
+    is_dict = isinstance(config, dict)
+    if is_dict:
         entries = []
         cache: dict[str, object] = {}
         for pattern, value in config.items():
@@ -498,41 +566,61 @@ def _plan(model: nn.Module, config, filter_fn: FilterFn | None) -> list[_Site]:
             elif value is not None:
                 value = _resolve_config(value)
             entries.append((pattern, value))
-        default_keep = filter_fn or default_filter
     else:
-        config = _resolve_config(config)
-        entries = [("*", config)]
-        default_keep = filter_fn or config.filter_fn or default_filter
-    user_filter = filter_fn is not None or (not isinstance(config, dict) and config.filter_fn is not None)
+        entries = [("*", _resolve_config(config))]
+    linears = [(linear, tuple(names)) for linear, names in
+               _sites(model, lambda m: type(m) is nn.Linear, "patch_model").values()]
+    if is_dict:  # a pattern that matches nothing is a typo (as a per-layer setting for a name the model lacks)
+        every = [fqn for _, names in linears for fqn in names]
+        unmatched = [p for p, _ in entries if p != "*" and not any(fnmatch.fnmatchcase(fqn, p) for fqn in every)]
+        if unmatched:
+            raise ValueError(f"patch_model: the config pattern{'s' if len(unmatched) > 1 else ''} "
+                             f"{', '.join(map(repr, unmatched))} match{'' if len(unmatched) > 1 else 'es'} no "
+                             "nn.Linear of the model (patterns are fnmatch globs on fully qualified names, e.g. "
+                             f"{every[0] if every else 'encoder.layer.0.output.dense'!r})")
 
     plan = []
-    for linear, names in _sites(model, lambda m: type(m) is nn.Linear, "patch_model").values():
-        names = tuple(names)
+    for linear, names in linears:
         matched = [next(((p, c) for p, c in entries if fnmatch.fnmatchcase(fqn, p)), None) for fqn in names]
-        chosen = {id(m[1]) if m else None for m in matched}
-        if len(chosen) > 1:
+        cfgs = [m[1] if m else None for m in matched]  # None: a pattern -> None, or no pattern: dense alike
+        if any(not _same_value(c, cfgs[0]) for c in cfgs[1:]):
             said = "; ".join(f"{fqn} -> " + (f"pattern {m[0]!r} ({_config_name(m[1]) if m[1] else None})" if m
                                              else "no pattern (dense)") for fqn, m in zip(names, matched))
             raise ValueError(f"patch_model: the layer {names[0]} is shared (one module under several names) but its "
                              f"names resolve to different configs: {said}; give them the same config")
-        match = matched[0]
-        cfg = match[1] if match else None
+        cfg = cfgs[0]
         if cfg is None:
+            match = next((m for m in matched if m), None)
             plan.append(_Site(linear, names, None, f"pattern {match[0]!r} -> None" if match
                               else "no pattern matches"))
             continue
-        own = cfg.filter_fn if isinstance(config, dict) else None
-        accepted = [fqn for fqn in names
-                    if default_keep(linear, fqn) and (own is None or own(linear, fqn))]
-        if not accepted:
-            head = not user_filter and own is None and is_output_head(names[0])
-            plan.append(_Site(linear, names, None, "output head (default filter_fn)" if head else "filter_fn"))
-            continue
-        if len(accepted) != len(names):
+        # Each name: accepted or not, and whether by the default head filter. patch_model's filter_fn
+        # decides (in a dict, with the config's own filter_fn); else the config's own filter_fn; else, in a
+        # dict, a pattern that is the layer's very name compresses it; else the default head filter.
+        by_user, by_default = [], []
+        for fqn, (pattern, c) in zip(names, matched):
+            own = c.filter_fn
+            if filter_fn is not None:
+                by_user.append((fqn, bool(filter_fn(linear, fqn)) and
+                                (not is_dict or own is None or bool(own(linear, fqn)))))
+            elif own is not None:
+                by_user.append((fqn, bool(own(linear, fqn))))
+            elif is_dict and pattern == fqn:
+                by_user.append((fqn, True))
+            else:
+                by_default.append((fqn, default_filter(linear, fqn)))
+        accepted = [fqn for fqn, ok in by_user + by_default if ok]
+        refused_by_user = [fqn for fqn, ok in by_user if not ok]
+        if refused_by_user and accepted:
             raise ValueError(f"patch_model: the layer {names[0]} is shared (also reachable as "
                              f"{', '.join(names[1:])}) but the filter accepts only {', '.join(accepted)}; "
                              "compressing one site would break the tie")
-        plan.append(_Site(linear, names, cfg))
+        if refused_by_user:
+            plan.append(_Site(linear, names, None, "filter_fn"))
+        elif not all(ok for _, ok in by_default):  # a name of the layer is an output head: all stay dense
+            plan.append(_Site(linear, names, None, _HEAD_REASON))
+        else:
+            plan.append(_Site(linear, names, cfg, configs=tuple({id(c): c for c in cfgs}.values())))
     return plan
 
 
@@ -560,14 +648,23 @@ def _len(iterable) -> int | None:
         return None
 
 
+def bare_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The module's own computation, without its hooks (a user's forward hooks, or pre-hooks that would
+    see the calibration sample a second time): F.linear for an nn.Linear, the forward method otherwise."""
+    if type(module) is nn.Linear:
+        return lambda x: F.linear(x, module.weight, module.bias)
+    return type(module).forward.__get__(module)
+
+
 def relative_error(reference: nn.Module, compressed: nn.Module, x: Tensor | None) -> float | None:
-    """||compressed(x) - reference(x)|| / ||reference(x)|| (Frobenius, in float64) over the rows x (M, K);
-    None without x (or on the meta device); 0 / 0 counts as 0 and a non-zero error on a zero output as inf."""
+    """||compressed(x) - reference(x)|| / ||reference(x)|| (Frobenius, in float64) over the rows x (M, K),
+    each module run bare (bare_forward: no hook fires); None without x (or on the meta device); 0 / 0
+    counts as 0 and a non-zero error on a zero output as inf."""
     if x is None or x.is_meta or x.shape[0] == 0:
         return None
     with torch.no_grad():
-        y = reference(x).double()
-        diff = (compressed(x).double() - y).norm()
+        y = bare_forward(reference)(x).double()
+        diff = (bare_forward(compressed)(x).double() - y).norm()
         ref = y.norm()
     if ref == 0:
         return 0.0 if diff == 0 else math.inf
@@ -591,27 +688,39 @@ def patch_model(model: nn.Module, config, *, filter_fn: FilterFn | None = None, 
     "auto" = AutoConfig()), a config (Int8Config, Sparse24Config, CSRConfig, LowRankConfig, AutoConfig),
     or a dict from module-name glob patterns (fnmatch on the fully qualified name, e.g. "*.attention.*")
     to a config, a shortcut or None: each layer takes the first pattern its name matches; None, or no
-    matching pattern, leaves it dense. A layer reachable under several names (shared) becomes one
-    compressed module at every site, so all its names must resolve to the same config (else a ValueError).
+    matching pattern, leaves it dense. A pattern other than "*" that matches no nn.Linear of the model (a
+    typo) is refused. A layer reachable under several names (shared) becomes one compressed module at
+    every site, so all its names must resolve to the same config, or all to dense (equal configs count as
+    the same; else a ValueError).
 
     filter_fn(module, fqn) -> bool chooses the layers (for a single config it overrides config.filter_fn;
-    in a dict a config's own filter_fn must accept the layer too). The default, default_filter, leaves the
-    output heads dense: a layer whose last name is lm_head, classifier, pooler or score, or that sits in a
-    pooler or classifier module (BERT's pooler.dense); pass filter_fn=lambda m, fqn: True to compress them.
-    The filter must accept all the names of a shared layer or none.
+    in a dict a config's own filter_fn must accept the layer too). Without filter_fn, a config's own
+    filter_fn decides for the layers it gets; without either, the default, default_filter, leaves the
+    output heads dense: a layer with a name component lm_head, cls, classifier, pooler or score (causal
+    LM heads, BERT's cls.predictions.* and pooler.dense, RoBERTa's lm_head.* and classifier.*); the report
+    gives them the reason "output head (default filter)". In a dict, a pattern that is the layer's very
+    name ({"lm_head": "int8"}, not a glob that happens to match it) overrides the default filter; else
+    pass filter_fn=lambda m, fqn: True to compress the heads. A user filter must accept all the names of
+    a shared layer or none; with the default filter, a shared layer one of whose names is an output head
+    stays dense at all of them.
 
-    calib_data: an iterable of model inputs (a list, a DataLoader): a dict runs as model(**batch), a tuple
-    or list as model(*batch), a tensor as model(batch). One pass over it (in torch.no_grad(), with the model
-    in eval mode and each module's mode restored afterwards) collects, with forward pre-hooks on the layers
-    to compress, what the chosen methods need: the input channels' absolute maxima (SmoothQuant:
-    Int8Config(smooth_alpha=...)), input norms (Wanda: method="wanda"), input covariance (whitened SVD:
-    LowRankConfig(whiten=True)) and a sample of up to max_tokens input rows per layer, on which the report
-    gives each layer's relative output error and AutoConfig measures error and speed. Statistics given
-    in a config (importance=, whitening=, smooth_scales=) take precedence. A method that needs calibration
-    and has no calib_data is refused, naming the argument.
+    calib_data: an iterable of model inputs (a list, a DataLoader): a mapping (a dict, a tokenizer's
+    BatchEncoding) runs as model(**batch), a tuple or list as model(*batch), a tensor as model(batch); one
+    batch given bare (a tensor, a mapping, a tuple of tensors) is refused: wrap it in a list. One pass over
+    it (in torch.no_grad(), with the model in eval mode and each module's mode restored afterwards)
+    collects, with forward pre-hooks on the layers to compress, what the chosen methods need: the input
+    channels' absolute maxima (SmoothQuant: Int8Config(smooth_alpha=...)), input norms (Wanda:
+    method="wanda"), input covariance (whitened SVD: LowRankConfig(whiten=True)) and a sample of up to
+    max_tokens input rows per layer, on which the report gives each layer's relative output error and
+    AutoConfig measures error and speed (each layer and its replacement run bare: no forward hook of the
+    model fires while measuring). Statistics given in a config (importance=, whitening=, smooth_scales=)
+    take precedence. A method that needs calibration and has no calib_data is refused, naming the
+    argument.
 
     progress: a tqdm progress bar (on stderr) over the calibration batches and the layers, shown once a
     step takes longer than a second, where tqdm is installed (optional); False: silent.
+
+    An error converting a layer names it ("Int8Config, layer <name> (N x K): ...").
 
     Every layer is converted before any is swapped, so a failure leaves the model unchanged. A model on
     the meta device is patched too (shapes only; load a checkpoint with assign=True).
@@ -631,11 +740,16 @@ def patch_model(model: nn.Module, config, *, filter_fn: FilterFn | None = None, 
     plan = _plan(model, config, filter_fn)
     todo = [site for site in plan if site.config is not None]
 
-    # Settings given per layer name must name converted layers (a typo is refused, not ignored).
-    by_config: dict[int, tuple[object, list[str]]] = {}
+    # Settings given per layer name must name converted layers (a typo is refused, not ignored); equal
+    # configs (under several patterns) count as one.
+    by_config: list[tuple[object, list[str]]] = []
     for site in todo:
-        by_config.setdefault(id(site.config), (site.config, []))[1].extend(site.names)
-    for cfg, converted in by_config.values():
+        for cfg in site.configs:
+            group = next((g for g in by_config if _same_value(g[0], cfg)), None)
+            if group is None:
+                by_config.append(group := (cfg, []))
+            group[1].extend(site.names)
+    for cfg, converted in by_config:
         unused = cfg.unused_names(converted)
         if unused:
             raise ValueError(f"patch_model: {type(cfg).__name__} names layers that are not converted: "

@@ -3,7 +3,7 @@ calibration batches run through the model (compress.InputNorms for Wanda, compre
 for whitened SVD)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,9 @@ class _LinearInputHooks:
             x = (args[0] if args else kwargs["input"]).detach()  # nn.Linear.forward(input)
             if x.dim() == 0 or x.shape[-1] != module.in_features:
                 return  # the layer's forward refuses this input; it is no calibration data
-            state = self._update_for(fqn, self._stats.get(fqn), x.reshape(-1, x.shape[-1]))
+            # flatten, not reshape(-1, K): ambiguous for in_features = 0 (a layer that gives its bias).
+            rows = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+            state = self._update_for(fqn, self._stats.get(fqn), rows)
             if state is not None:
                 self._stats[fqn] = state
         return hook
@@ -138,9 +140,9 @@ class CalibrationStats(_LinearInputHooks):
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
-    """Runs one calibration batch: a dict as model(**batch), a tuple or list as model(*batch), anything
-    else (a tensor) as model(batch)."""
-    if isinstance(batch, dict):
+    """Runs one calibration batch: a mapping (a dict, a tokenizer's BatchEncoding) as model(**batch), a
+    tuple or list as model(*batch), anything else (a tensor) as model(batch)."""
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -148,13 +150,18 @@ def call_model(model: nn.Module, batch: Any) -> Any:
 
 
 def check_calib_data(calib_data: Any, caller: str) -> None:
-    """Refuses a calib_data that is one batch rather than an iterable of batches (a tensor iterates over
-    its rows, a dict over its keys: neither is what was meant)."""
-    if isinstance(calib_data, (Tensor, dict, str, bytes)) or not isinstance(calib_data, Iterable):
+    """Refuses a calib_data that is one batch rather than an iterable of batches: a tensor iterates over
+    its rows, a mapping (a dict, a tokenizer's BatchEncoding) over its keys, and a tuple of tensors
+    ((ids, mask): one model(*batch) input) over its tensors; none of them is what was meant."""
+    single = (isinstance(calib_data, (Tensor, Mapping))
+              or (isinstance(calib_data, tuple) and len(calib_data) > 0
+                  and all(isinstance(t, Tensor) for t in calib_data)))
+    if single or isinstance(calib_data, (str, bytes)) or not isinstance(calib_data, Iterable):
+        got = ("a tuple of tensors (one batch for model(*batch))" if isinstance(calib_data, tuple)
+               else type(calib_data).__name__)
         raise TypeError(f"{caller}: calib_data must be an iterable of model inputs (a list or DataLoader of "
                         "tensors, dicts for model(**batch) or tuples for model(*batch)), got "
-                        f"{type(calib_data).__name__}" + ("; wrap a single batch in a list: [batch]"
-                                                          if isinstance(calib_data, (Tensor, dict)) else ""))
+                        f"{got}" + ("; wrap a single batch in a list: [batch]" if single else ""))
 
 
 def collect(model: nn.Module, calib_data: Iterable, needs: dict[str, set[str]], max_tokens: int = 512,

@@ -160,6 +160,23 @@ def layer_spec(module: nn.Module, dtype: torch.dtype, **facts) -> dict:
             "bias": module.bias is not None, "dtype": dtype_name(dtype), **facts}
 
 
+def spec_int(spec: dict, key: str, layer: str) -> int:
+    """A layer spec's count `key` (in/out features, rank, nnz): a non-negative int, else a ValueError."""
+    v = spec.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{layer}: {key} must be a non-negative int, got {v!r}")
+    return v
+
+
+def spec_shapes(spec: dict, layer: str, **shapes) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors a layer of spec stores (its state_dict): shapes plus the bias
+    (out_features,) where spec has one. Computed from the spec's numbers alone, nothing allocated, so
+    that a reader can check a file's record against its tensors before building the layer."""
+    if spec.get("bias"):
+        shapes["bias"] = (spec_int(spec, "out_features", layer),)
+    return shapes
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'bfloat16'."""
     return str(dtype).removeprefix("torch.")

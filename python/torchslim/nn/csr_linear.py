@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
-from ._compressed import dtype_name, layer_spec, spec_dtype
+from ._compressed import dtype_name, layer_spec, spec_dtype, spec_int, spec_shapes
 from ..compress.prune import check_importance, prune_unstructured
 from ..formats import csr as csr_format
 
@@ -90,6 +90,13 @@ class CSRLinear(nn.Module):
         in/out features, bias, float dtype, and "nnz" and "index_dtype" (the col dtype): the empty layer
         takes the checkpoint's nnz on load; these record what it must turn out to be."""
         return layer_spec(self, self.values.dtype, nnz=self.nnz, index_dtype=dtype_name(self.col.dtype))
+
+    @classmethod
+    def _spec_shapes(cls, spec: dict) -> dict:
+        """The shapes of the tensors a layer of spec stores (from its numbers; nothing allocated)."""
+        N, nnz = (spec_int(spec, key, cls.__name__) for key in ("out_features", "nnz"))
+        spec_int(spec, "in_features", cls.__name__)
+        return spec_shapes(spec, cls.__name__, crow=(N + 1,), col=(nnz,), values=(nnz,))
 
     @classmethod
     def _from_layer_spec(cls, spec: dict, device=None) -> "CSRLinear":

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..compress.quantize import quantize_weight_per_channel
 from ..formats import int8 as int8_format
-from ._compressed import layer_spec, spec_dtype
+from ._compressed import layer_spec, spec_dtype, spec_int, spec_shapes
 
 
 class Int8Linear(nn.Module):
@@ -96,6 +96,16 @@ class Int8Linear(nn.Module):
         """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
         in/out features, bias, float dtype, and "smooth": whether a SmoothQuant scale is stored."""
         return layer_spec(self, self.orig_dtype, smooth=self.smooth_scale is not None)
+
+    @classmethod
+    def _spec_shapes(cls, spec: dict) -> dict:
+        """The shapes of the tensors a layer of spec stores, the weight in its canonical (N, K) form
+        (from its numbers; nothing allocated)."""
+        K, N = (spec_int(spec, key, cls.__name__) for key in ("in_features", "out_features"))
+        shapes = {"weight": (N, K), "weight_scale": (N,)}
+        if spec.get("smooth"):
+            shapes["smooth_scale"] = (K,)
+        return spec_shapes(spec, cls.__name__, **shapes)
 
     @classmethod
     def _from_layer_spec(cls, spec: dict, device=None) -> "Int8Linear":

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
-from ._compressed import layer_spec, spec_dtype
+from ._compressed import layer_spec, spec_dtype, spec_int, spec_shapes
 from ..compress import lowrank as lowrank_compress
 
 
@@ -88,6 +88,12 @@ class LowRankLinear(nn.Module):
         """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
         in/out features, bias, float dtype, and "rank"."""
         return layer_spec(self, self.V.dtype, rank=self.rank)
+
+    @classmethod
+    def _spec_shapes(cls, spec: dict) -> dict:
+        """The shapes of the tensors a layer of spec stores (from its numbers; nothing allocated)."""
+        K, N, r = (spec_int(spec, key, cls.__name__) for key in ("in_features", "out_features", "rank"))
+        return spec_shapes(spec, cls.__name__, V=(r, K), U=(N, r))
 
     @classmethod
     def _from_layer_spec(cls, spec: dict, device=None) -> "LowRankLinear":

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
-from ._compressed import layer_spec, spec_dtype
+from ._compressed import layer_spec, spec_dtype, spec_int, spec_shapes
 from ..compress.prune import check_importance, prune_24
 from ..formats import sparse24 as sparse24_format
 
@@ -75,6 +75,13 @@ class Sparse24Linear(nn.Module):
         """The facts that rebuild this layer empty (torchslim.save_compressed records them per layer):
         in/out features, bias, float dtype; nothing more (the shapes of values and metadata follow)."""
         return layer_spec(self, self.values.dtype)
+
+    @classmethod
+    def _spec_shapes(cls, spec: dict) -> dict:
+        """The shapes of the tensors a layer of spec stores (from its numbers; nothing allocated)."""
+        K, N = (spec_int(spec, key, cls.__name__) for key in ("in_features", "out_features"))
+        values, metadata = sparse24_format.shapes(N, K)
+        return spec_shapes(spec, cls.__name__, values=tuple(values), metadata=tuple(metadata))
 
     @classmethod
     def _from_layer_spec(cls, spec: dict, device=None) -> "Sparse24Linear":
