@@ -1,6 +1,7 @@
 """The full patch_model API: glob dict configs, the default head filter, calibration data (one pass,
 its forms, refusals), SmoothQuant, the report, AutoConfig, progress, and a patched tiny BERT that
 compiles and trains."""
+import copy
 import json
 import math
 from collections.abc import Mapping
@@ -585,3 +586,25 @@ def test_smooth_scales_are_checked_up_front_and_conversion_errors_name_the_layer
     with pytest.raises(ValueError, match=r"^Sparse24Config, layer attn.q \(32 x 32\): "):
         patch_model(model, Sparse24Config(method="wanda", importance={"attn.q": torch.ones(5)}), calib_data=batches())
     assert type(model.attn["k"]) is nn.Linear
+
+
+@pytest.mark.parametrize("config", [Sparse24Config(method="sparsegpt"), CSRConfig(sparsity=0.5, method="sparsegpt")],
+                         ids=["2:4", "csr"])
+def test_sparsegpt_through_calib_data_beats_wanda(config):
+    # Correlated inputs (a random mixing of fewer sources than features): the case the Hessian helps.
+    torch.manual_seed(7)
+    mix = torch.randn(16, 64)
+    batches = [torch.randn(32, 16) @ mix for _ in range(4)]
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 32))
+    wanda = type(config)(**{**config.__dict__, "method": "wanda"})
+    errors = {}
+    for name, cfg in (("sparsegpt", config), ("wanda", wanda)):
+        m = copy.deepcopy(model)
+        report = patch_model(m, cfg, calib_data=batches, progress=False)
+        errors[name] = report.layers[0].error
+        assert isinstance(m[0], (Sparse24Linear, CSRLinear))
+    assert errors["sparsegpt"] < errors["wanda"], errors
+    with pytest.raises(ValueError, match="calib_data"):
+        patch_model(copy.deepcopy(model), config, progress=False)
+    with pytest.raises(ValueError, match="importance is Wanda's input"):
+        type(config)(**{**config.__dict__, "importance": {"0": torch.ones(64)}})

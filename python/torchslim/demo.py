@@ -348,6 +348,10 @@ def method_specs(auto_repeats: int = 3) -> list[tuple[str, torch.dtype, object, 
         ("int8 (bf16 model)", bf16, Int8Config(), "W8A8 on the bf16 model (bf16 activations in and out)"),
         ("2:4 Wanda", bf16, Sparse24Config(method="wanda"), "2:4 semi-structured, Wanda importance, bf16"),
         ("CSR 50% Wanda", bf16, CSRConfig(sparsity=0.5, method="wanda"), "half of every row pruned, Wanda, bf16"),
+        ("2:4 SparseGPT", bf16, Sparse24Config(method="sparsegpt"),
+         "2:4 by SparseGPT (input Hessian, kept weights updated), bf16"),
+        ("CSR 50% SparseGPT", bf16, CSRConfig(sparsity=0.5, method="sparsegpt"),
+         "half of every row pruned by SparseGPT, bf16"),
         ("low rank 0.75 whitened", bf16, LowRankConfig(param_ratio=0.75, whiten=True),
          "SVD-LLM whitened SVD keeping 75% of the parameters, bf16"),
         ("auto", bf16, _auto_config(auto_repeats),
@@ -480,16 +484,18 @@ class Check:
 
 # Minimum mean cosine against fp32 on the held-out sentences, per row: the exit status's checks. int8's
 # are the issue's targets; the pruned and low-rank rows' are floors below what they measure here
-# (2:4 0.76, CSR 0.88, low rank 0.83), as one-shot pruning (or truncating) every layer of a
-# 22M-parameter model, without fine-tuning, does not reach the issue's targets (0.95, 0.98, 0.97).
+# (2:4 0.76, CSR 0.88, low rank 0.83; SparseGPT 0.86 and 0.92 in a first experiment), as one-shot
+# pruning (or truncating) every layer of a 22M-parameter model, without fine-tuning, does not reach the
+# issue's targets (0.95, 0.98, 0.97).
 MIN_MEAN_COSINE = {
     "torchslim int8": 0.995, "int8 + SmoothQuant": 0.998, "int8 (bf16 model)": 0.995,
-    "2:4 Wanda": 0.72, "CSR 50% Wanda": 0.85, "low rank 0.75 whitened": 0.80, "auto": 0.99,
+    "2:4 Wanda": 0.72, "CSR 50% Wanda": 0.85, "2:4 SparseGPT": 0.80, "CSR 50% SparseGPT": 0.88,
+    "low rank 0.75 whitened": 0.80, "auto": 0.99,
 }
-# The issue's accuracy targets (mean cosine).
+# The issue's accuracy targets (mean cosine); the SparseGPT rows are held to the same as Wanda's.
 TARGET_MEAN_COSINE = {
     "torchslim int8": 0.995, "int8 + SmoothQuant": 0.998, "2:4 Wanda": 0.95, "CSR 50% Wanda": 0.98,
-    "low rank 0.75 whitened": 0.97, "auto": 0.99,
+    "2:4 SparseGPT": 0.95, "CSR 50% SparseGPT": 0.98, "low rank 0.75 whitened": 0.97, "auto": 0.99,
 }
 
 
