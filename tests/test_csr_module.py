@@ -233,7 +233,7 @@ def test_config_refuses_what_it_would_ignore():
         CSRConfig(method="wanda", importance={"0": torch.ones(16)})
     with pytest.raises(ValueError, match="ignored"):
         CSRConfig(sparsity=0.5, importance={"0": torch.ones(16)})
-    with pytest.raises(ValueError, match="'magnitude' or 'wanda'"):
+    with pytest.raises(ValueError, match="method must be one of 'magnitude', 'wanda', 'sparsegpt'"):
         CSRConfig(sparsity=0.5, method="random")
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     with pytest.raises(ValueError, match="no importance for 2"):

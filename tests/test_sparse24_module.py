@@ -170,7 +170,7 @@ def test_config_refuses_what_it_would_ignore():
     with pytest.raises(ValueError, match="importance must be a float tensor of shape \\(40,\\)"):
         with torch.device("meta"):
             Sparse24Linear.from_linear(nn.Linear(40, 8), importance=torch.ones(39))
-    with pytest.raises(ValueError, match="'magnitude' or 'wanda'"):
+    with pytest.raises(ValueError, match="method must be one of 'magnitude', 'wanda', 'sparsegpt'"):
         Sparse24Config(method="random")
     with pytest.raises(ValueError, match="ignored"):
         Sparse24Config(importance={"0": torch.ones(16)})
