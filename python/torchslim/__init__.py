@@ -10,8 +10,9 @@ from . import ops  # the typed wrappers and fakes
 from . import _cuda_registration  # registers the Triton kernels for CUDA where Triton is installed
 from ._info import info
 from .nn import CSRLinear, Int8Linear, LowRankLinear, Sparse24Linear
-from .patch import (CSRConfig, Int8Config, LowRankConfig, PatchedLayer, PatchReport, Sparse24Config,
-                    default_filter, patch_model, unpatch_model)
+from .configs import CSRConfig, Int8Config, LowRankConfig, Sparse24Config
+from .patch import default_filter, patch_model, unpatch_model
+from .report import PatchedLayer, PatchReport
 from .auto import AutoConfig
 from .checkpoint import load_compressed, save_compressed
 

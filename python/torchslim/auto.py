@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .compress.calibration import LayerStats
-from .patch import (METHOD_NAMES, CSRConfig, FilterFn, Int8Config, LowRankConfig, Sparse24Config, bare_forward,
-                    relative_error)
+from .configs import METHOD_NAMES, CSRConfig, FilterFn, Int8Config, LowRankConfig, Sparse24Config
+from .patch import bare_forward, relative_error
 
 # The candidate of each method unless AutoConfig(candidates=...) overrides it.
 _CONFIG_OF = {"int8": Int8Config, "2:4": Sparse24Config, "csr": CSRConfig, "lowrank": LowRankConfig}
