@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_int8_linear_triton import (
     epilogue_magnitude,
+    extreme_scale_case,
     make_case,
     reference_from_quantized,
 )
@@ -151,18 +152,10 @@ def test_zero_and_nonfinite_rows(dtype):
 def test_extreme_scales_take_the_float64_path(dtype):
     # Row scale 3e38 / 127 times channel scale 1e3 overflows float32 (a zero sum must give the
     # bias, not 0 * Inf); 1e-28 rows times 1e-11 channel scales fall below FLT_MIN (precision).
-    K, N = 300, 200
-    x = torch.zeros(4, K)
-    x[0, 0] = 3e38
-    x[1] = torch.randn(K) * 1e-28
-    x[2] = torch.randn(K)
-    x[2, 0] = 7.123265e34  # a row scale times 606686.1 lands within one float32 ulp of FLT_MAX
-    x[3] = torch.randn(K)  # an ordinary row next to them: per-element choice keeps it on float32
-    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-    w_q[:, 0] = 0
-    bias = torch.randn(N)
+    # Row 3 is an ordinary row next to them: the per-element choice keeps it on float32.
+    x, w_q, bias, w_scales = extreme_scale_case(4, 300, 200)
     x, w_q, bias = x.to(dtype).cuda(), w_q.cuda(), bias.cuda()
-    for w_scale in (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12, torch.tensor([606686.1] * N)):
+    for w_scale in w_scales:
         w_scale = w_scale.cuda()
         out = check(x, w_q, w_scale, bias, same_as_two_launch=False)
         assert_bits_equal(out[0], bias.to(dtype))

@@ -269,20 +269,30 @@ def test_packed_op_on_cuda_arguments_says_what_to_use():
 # edge numerics of the epilogue (as the CPU kernels)
 # ---------------------------------------------------------------------------------------------
 @needs_kernel_device
-def test_epilogue_never_makes_nan_from_an_overflowing_scale_product():
-    # Row scale 3e38 / 127 times channel scale 1e3 overflows float32; a zero sum must give the
-    # bias, a tiny scale product must keep its precision (the float64 branch of the kernel).
-    K, N = 40, 20
-    x = torch.zeros(3, K)
+def extreme_scale_case(M, K, N):
+    """x (M >= 3, K) float32, w_q (N, K), bias (N,) and three w_scale choices whose products with the
+    row scales of x leave float32's normal range: row 0 is 3e38 in column 0 alone, where every weight
+    is 0 (a zero sum: times an overflowing scale product it must give the bias, not 0 * Inf); row 1 is
+    tiny (1e-28: times 1e-11 channel scales below FLT_MIN, precision); row 2's scale times 606686.1
+    lands within one float32 ulp of FLT_MAX. Rows from 3 on are ordinary."""
+    x = torch.randn(M, K)
+    x[0] = 0
     x[0, 0] = 3e38
     x[1] = torch.randn(K) * 1e-28
-    x[2] = torch.randn(K)
-    x[2, 0] = 7.123265e34  # a row scale times 606686.1 lands within one float32 ulp of FLT_MAX
+    x[2, 0] = 7.123265e34
     w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     w_q[:, 0] = 0
     bias = torch.randn(N)
+    w_scales = (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12, torch.tensor([606686.1] * N))
+    return x, w_q, bias, w_scales
+
+
+def test_epilogue_never_makes_nan_from_an_overflowing_scale_product():
+    # Row scale 3e38 / 127 times channel scale 1e3 overflows float32; a zero sum must give the
+    # bias, a tiny scale product must keep its precision (the float64 branch of the kernel).
+    x, w_q, bias, w_scales = extreme_scale_case(3, 40, 20)
     q, s = reference.quantize_per_token(x)
-    for w_scale in (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12, torch.tensor([606686.1] * N)):
+    for w_scale in w_scales:
         out = int8_matmul_dequant(*(t.to(DEVICE) for t in (q, s, w_q, w_scale, bias)), torch.float32, config=TILES).cpu()
         ref = reference_from_quantized(q, s, w_q, w_scale, bias)
         assert torch.equal(out[0], bias)

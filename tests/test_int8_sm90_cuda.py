@@ -19,6 +19,7 @@ from conftest import FLOAT_DTYPES, assert_close_to_reference
 from test_int8_linear_triton import (
     assert_matches_reference,
     epilogue_magnitude,
+    extreme_scale_case,
     make_case,
     reference_from_quantized,
 )
@@ -114,17 +115,9 @@ def test_zero_and_nonfinite_rows(dtype):
 def test_epilogue_scale_products_beyond_float32():
     # As test_int8_linear_triton's test of the same name, on a 64-row problem: an overflowing scale
     # product must not turn a zero sum into NaN (0 * Inf), a tiny one must keep its precision.
-    M, K, N = 64, 48, 24
-    x = torch.randn(M, K)
-    x[0] = 0
-    x[0, 0] = 3e38
-    x[1] = torch.randn(K) * 1e-28
-    x[2, 0] = 7.123265e34  # a row scale times 606686.1 lands within one float32 ulp of FLT_MAX
-    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-    w_q[:, 0] = 0
-    bias = torch.randn(N)
+    x, w_q, bias, w_scales = extreme_scale_case(64, 48, 24)
     q, s = reference.quantize_per_token(x)
-    for w_scale in (torch.full((N,), 1e3), torch.rand(N) * 1e-11 + 1e-12, torch.tensor([606686.1] * N)):
+    for w_scale in w_scales:
         args = [t.cuda() for t in (q, s, w_q, w_scale, bias)]
         out = gemm(*args, torch.float32).cpu()
         ref = reference_from_quantized(q, s, w_q, w_scale, bias)

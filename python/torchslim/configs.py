@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .compress.calibration import LayerStats
 from .compress.smoothquant import smooth_scales as _smooth_scales
@@ -78,8 +78,44 @@ class Int8Config:
             return Int8Linear.from_linear(linear, smooth_scale=scale)
 
 
+class _PruneConfig:
+    """What Sparse24Config and CSRConfig share: the pruning method and its statistics (Wanda's importance
+    or calibration norms, SparseGPT's covariance). A subclass gives _sparsegpt_target() (the keyword of
+    sparsegpt_prune) and _from_linear(linear, importance, pruned) (its module; pruned: linear's weight is
+    already pruned to the target, so its zeros are kept as they are)."""
+
+    def _check_prune_fields(self) -> None:
+        name = type(self).__name__
+        if self.method not in _PRUNE_METHODS:
+            raise ValueError(f"{name}: method must be one of {', '.join(map(repr, _PRUNE_METHODS))}, "
+                             f"got {self.method!r}")
+        _check_importance_dict(self.importance, self.method, name)
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError("filter_fn must be callable(module, fqn) -> bool")
+
+    def unused_names(self, converted: list[str]) -> set[str]:
+        """Importances given for layers patch_model does not convert: refused, not ignored."""
+        return set(self.importance) - set(converted)
+
+    def calib_needs(self, names: tuple[str, ...]) -> dict[str, str]:
+        """The calibration statistics the layer needs (Wanda's input norms, SparseGPT's covariance), with
+        patch_model's refusal."""
+        return _prune_needs(self.importance, self.method, names, type(self).__name__)
+
+    def convert(self, linear: nn.Linear, names: tuple[str, ...], stats: LayerStats | None = None) -> nn.Module:
+        """The compressed module of linear, reachable in the model under names (stats: its calibration
+        statistics, where patch_model collected them)."""
+        name = type(self).__name__
+        with _naming(self, linear, names):
+            if self.method == "sparsegpt":
+                return self._from_linear(_sparsegpt_linear(linear, names, stats, name, **self._sparsegpt_target()),
+                                         None, pruned=True)
+            importance = _layer_importance(self.importance, self.method, names, name, stats)
+            return self._from_linear(linear, importance, pruned=False)
+
+
 @dataclass
-class Sparse24Config:
+class Sparse24Config(_PruneConfig):
     """2:4 semi-structured sparsity (Sparse24Linear): in every group of four weights along K the two
     with the largest score stay.
 
@@ -97,35 +133,18 @@ class Sparse24Config:
     filter_fn: FilterFn | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in _PRUNE_METHODS:
-            raise ValueError(f"Sparse24Config: method must be one of {', '.join(map(repr, _PRUNE_METHODS))}, "
-                             f"got {self.method!r}")
-        _check_importance_dict(self.importance, self.method, "Sparse24Config")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise TypeError("filter_fn must be callable(module, fqn) -> bool")
+        self._check_prune_fields()
 
-    def unused_names(self, converted: list[str]) -> set[str]:
-        """Importances given for layers patch_model does not convert: refused, not ignored."""
-        return set(self.importance) - set(converted)
+    def _sparsegpt_target(self) -> dict:
+        return {"pattern": "2:4"}
 
-    def calib_needs(self, names: tuple[str, ...]) -> dict[str, str]:
-        """The calibration statistics the layer needs (Wanda's input norms, SparseGPT's covariance), with
-        patch_model's refusal."""
-        return _prune_needs(self.importance, self.method, names, "Sparse24Config")
-
-    def convert(self, linear: nn.Linear, names: tuple[str, ...], stats: LayerStats | None = None) -> nn.Module:
-        """The Sparse24Linear of linear, reachable in the model under names (stats: its calibration
-        statistics, where patch_model collected them)."""
-        with _naming(self, linear, names):
-            if self.method == "sparsegpt":  # already 2:4: the magnitude rule keeps exactly its non-zeros
-                return Sparse24Linear.from_linear(_sparsegpt_linear(linear, names, stats, "Sparse24Config",
-                                                                    pattern="2:4"))
-            importance = _layer_importance(self.importance, self.method, names, "Sparse24Config", stats)
-            return Sparse24Linear.from_linear(linear, importance=importance)
+    def _from_linear(self, linear: nn.Linear, importance: Tensor | None, pruned: bool) -> nn.Module:
+        # A weight already 2:4 passes the magnitude rule unchanged: it keeps exactly its non-zeros.
+        return Sparse24Linear.from_linear(linear, importance=importance)
 
 
 @dataclass
-class CSRConfig:
+class CSRConfig(_PruneConfig):
     """Unstructured sparsity stored as CSR (CSRLinear).
 
     sparsity: the fraction of every output row's weights pruned (in [0, 1)); None keeps each
@@ -148,33 +167,16 @@ class CSRConfig:
         if self.sparsity is not None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
                                           or not 0 <= self.sparsity < 1):
             raise ValueError(f"CSRConfig: sparsity must be a number in [0, 1) or None, got {self.sparsity!r}")
-        if self.method not in _PRUNE_METHODS:
-            raise ValueError(f"CSRConfig: method must be one of {', '.join(map(repr, _PRUNE_METHODS))}, "
-                             f"got {self.method!r}")
+        self._check_prune_fields()
         if self.method != "magnitude" and self.sparsity is None:
             raise ValueError(f"CSRConfig: method={self.method!r} prunes to a sparsity; give one")
-        _check_importance_dict(self.importance, self.method, "CSRConfig")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise TypeError("filter_fn must be callable(module, fqn) -> bool")
 
-    def unused_names(self, converted: list[str]) -> set[str]:
-        """Importances given for layers patch_model does not convert: refused, not ignored."""
-        return set(self.importance) - set(converted)
+    def _sparsegpt_target(self) -> dict:
+        return {"sparsity": self.sparsity}
 
-    def calib_needs(self, names: tuple[str, ...]) -> dict[str, str]:
-        """The calibration statistics the layer needs (Wanda's input norms, SparseGPT's covariance), with
-        patch_model's refusal."""
-        return _prune_needs(self.importance, self.method, names, "CSRConfig")
-
-    def convert(self, linear: nn.Linear, names: tuple[str, ...], stats: LayerStats | None = None) -> nn.Module:
-        """The CSRLinear of linear, reachable in the model under names (stats: its calibration
-        statistics, where patch_model collected them)."""
-        with _naming(self, linear, names):
-            if self.method == "sparsegpt":  # already pruned: CSRLinear keeps its zeros
-                return CSRLinear.from_linear(_sparsegpt_linear(linear, names, stats, "CSRConfig",
-                                                               sparsity=self.sparsity))
-            importance = _layer_importance(self.importance, self.method, names, "CSRConfig", stats)
-            return CSRLinear.from_linear(linear, sparsity=self.sparsity, importance=importance)
+    def _from_linear(self, linear: nn.Linear, importance: Tensor | None, pruned: bool) -> nn.Module:
+        # Already pruned: no sparsity, so CSRLinear keeps the weight's zeros as they are.
+        return CSRLinear.from_linear(linear, sparsity=None if pruned else self.sparsity, importance=importance)
 
 
 @dataclass
