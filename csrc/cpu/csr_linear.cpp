@@ -16,6 +16,7 @@
 #include "csr_linear_checks.h"
 #include "cpu/float_dtype.h"
 #include "cpu/parallel_tasks.h"
+#include "cpu/thread_scratch.h"
 
 namespace torchslim {
 namespace {
@@ -97,10 +98,17 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
     // bfloat16 tile half empty measured slower than a float32 one of 16) and where the CPU has AVX512_BF16.
     args.x_bf16 = dt == Dtype::BF16 && M > 16 && cpu::csr_avx512_bf16_supported();
     args.T = M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
-    const int64_t tiles = (M + args.T - 1) / args.T;
-    xf = at::zeros({tiles * args.T, K + 1}, x.options().dtype(args.x_bf16 ? at::kBFloat16 : at::kFloat));
-    xf.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
-    xf = xf.view({tiles, args.T, K + 1}).transpose(1, 2).contiguous();
+    const int64_t T = args.T, full = M / T, rest = M % T, tiles = full + (rest > 0);
+    // Written in one pass into a scratch buffer (x[t T + i, k] at [t][k][i]): column K and the tokens
+    // beyond M are the only zeros written.
+    xf = thread_scratch(Scratch::CsrTiles, {tiles, K + 1, T}, x.options().dtype(args.x_bf16 ? at::kBFloat16 : at::kFloat));
+    xf.select(1, K).zero_();
+    if (full > 0) xf.narrow(0, 0, full).narrow(1, 0, K).copy_(x.narrow(0, 0, full * T).view({full, T, K}).transpose(1, 2));
+    if (rest > 0) {
+      const at::Tensor last = xf.select(0, full).narrow(0, 0, K);
+      last.narrow(1, 0, rest).copy_(x.narrow(0, full * T, rest).t());
+      last.narrow(1, rest, T - rest).zero_();
+    }
     rows_fn = cpu::csr_rows_tokens_avx512;
   } else {
     xf = x.to(at::kFloat).contiguous();

@@ -15,6 +15,7 @@
 #include "cpu/kernels/sparse24.h"
 #include "cpu/float_dtype.h"
 #include "cpu/parallel_tasks.h"
+#include "cpu/thread_scratch.h"
 
 namespace torchslim {
 namespace {
@@ -85,7 +86,7 @@ bool expand_rows(const cpu::S24Expand& e, int64_t n0, int64_t n1, bool avx512) {
   return avx512 ? cpu::s24_expand_rows_avx512(e, n0, n1) : cpu::s24_expand_rows_scalar(e, n0, n1);
 }
 
-// Many rows: weight blocks expanded into a buffer kept per thread, then the dense GEMM (with the bias in
+// Many rows: weight blocks expanded into a scratch buffer (thread_scratch.h), then the dense GEMM (with the bias in
 // x's dtype, as F.linear takes it). Returns false on invalid metadata.
 bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, const at::Tensor& bias_x,
                   at::Tensor& out, bool avx512) {
@@ -96,13 +97,7 @@ bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   // And never the whole weight: a layer smaller than a block is done in two halves.
   const int64_t rows = std::min(round_up((N + 1) / 2, 16),
                                 std::max<int64_t>(64, round_up((8 << 20) / (K_pad * x.element_size()), 16)));
-  // The block buffer is kept per calling thread and only grows: a fresh 8 MiB allocation per call is
-  // a fresh mapping, whose page faults (or zeroing, with locked memory) cost as much as a quarter of
-  // the GEMM at M = 128 on the small layers.
-  thread_local at::Tensor cached;
-  const int64_t need = rows * K_pad * x.element_size();
-  if (!cached.defined() || cached.numel() < need) cached = at::empty({need}, x.options().dtype(at::kByte));
-  const at::Tensor buf = at::from_blob(cached.data_ptr(), {rows, K_pad}, x.options());
+  const at::Tensor buf = thread_scratch(Scratch::Sparse24Blocks, {rows, K_pad}, x.options());
   // x with zero columns up to K_pad: the GEMM then sees a multiple of 16 columns (oneDNN's bf16 GEMM
   // on this machine let an Inf of one row reach other rows' outputs at odd K).
   const at::Tensor xp = padded_x(x, K_pad, x.scalar_type());

@@ -5,6 +5,10 @@ A failed load raises: torchslim never falls back to slow paths silently.
 """
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
+from ._torch_compat import check_torch as _check_torch
+
+_check_torch()  # a torch older than 2.11, or another release than the build's: a clear ImportError
+
 from . import _C  # registers the op schemas and the CPU (and CUDA) kernels
 from . import ops  # the typed wrappers and fakes
 from . import _cuda_registration  # registers the Triton kernels for CUDA where Triton is installed
