@@ -86,8 +86,8 @@ bool expand_rows(const cpu::S24Expand& e, int64_t n0, int64_t n1, bool avx512) {
   return avx512 ? cpu::s24_expand_rows_avx512(e, n0, n1) : cpu::s24_expand_rows_scalar(e, n0, n1);
 }
 
-// Many rows: weight blocks expanded into a scratch buffer (thread_scratch.h), then the dense GEMM (with the bias in
-// x's dtype, as F.linear takes it). Returns false on invalid metadata.
+// Many rows: weight blocks expanded into a scratch buffer (thread_scratch.h), then the dense GEMM
+// (with the bias in x's dtype, as F.linear takes it). Returns false on invalid metadata.
 bool dense_blocks(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, const at::Tensor& bias_x,
                   at::Tensor& out, bool avx512) {
   const int64_t N = values.size(0), K = x.size(1), K_pad = values.size(1) * 2;
