@@ -120,10 +120,15 @@ inline float value_at(const void* v, int64_t j) {
   else return static_cast<const float*>(v)[j];
 }
 
-// Entries ahead whose tile rows (the activations of their columns) are prefetched into L1: the
-// columns are random, so the hardware prefetchers cannot, and the kernels waited on L2. Measured
-// alternating in one process, 4096 x 4096 at 90%: bf16 M = 128 6.15 -> 4.86 ms, M = 64 3.42 ->
-// 2.66; fp32 M = 8 1.68 -> 1.03, M = 16 1.69 -> 1.18, M = 64 3.79 -> 3.10 (16 to 32 ahead alike).
+// Entries ahead whose tile rows (the activations of their columns) the bfloat16 tiles prefetch into
+// L1: the columns are random, so the hardware prefetchers cannot, and the kernel waited on L2.
+// Measured alternating in one process, 4096 x 4096 at 90%: bf16 M = 128 6.15 -> 4.86 ms, M = 64
+// 3.42 -> 2.66 (16 to 32 ahead alike); M = 512 (2 threads, rotated weights) 21.3 -> 19.5 ms today.
+// The float32 tiles measured the other way once the weight stream was prefetched too (kPrefetchAhead):
+// without the tile-row prefetch they are 5-20% faster (fp32 x, 2 threads, rotated weights, two rounds:
+// M = 4 1.33-1.43 -> 1.19-1.24 ms, M = 8 1.41-1.43 -> 1.17-1.19, M = 16 1.52-1.76 -> 1.38-1.55, M = 64
+// 3.27-3.86 -> 3.10-3.59, M = 128 6.29-7.13 -> 5.82-6.98), so they issue none: out-of-order execution
+// overlaps the L2 reads of U R independent chains, and the prefetches only took load slots.
 constexpr int64_t kTilePrefetchAhead = 32;
 
 // Prefetches the T activations of the columns of entries [j, j + n) of a tile (elements of esize bytes).
@@ -201,7 +206,6 @@ inline void row_f32(const CsrArgs& a, int64_t n, const float* xt, float* sums) {
   const int64_t e = a.crow[n + 1];
   int64_t j = a.crow[n];
   for (; j + U <= e; j += U) {
-    if (j + U + kTilePrefetchAhead <= e) prefetch_tile_rows<C16, T, 4>(a, xt, j + kTilePrefetchAhead, U);
     for (int u = 0; u < U; ++u) {
       const float* p = xt + col_at<C16>(a.col, j + u) * T;
       const auto v = Vec::set1(value_at<W>(a.values, j + u));
