@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "cpu/kernels/int8_gemm.h"
+#include "cpu/thread_scratch.h"
 
 namespace torchslim {
 namespace {
@@ -193,7 +194,7 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
   const int64_t K_pad = cpu::round_up(K, cpu::kPadK);
   // AMX loads activation tiles of 32 rows: pad with rows of zeros (their outputs are not written).
   const int64_t M_pad = isa == Isa::Amx ? cpu::round_up(M, 32) : M;
-  at::Tensor q = at::empty({M_pad, K_pad}, x.options().dtype(at::kChar));
+  at::Tensor q = thread_scratch(Scratch::Int8Q, {M_pad, K_pad}, x.options().dtype(at::kChar));
   // Per row: the scale (float32) and 128 * the sum of q (int32), in one allocation (this runs per call).
   at::Tensor row_info = at::empty({2 * M}, x.options().dtype(at::kFloat));
   float* a_scale = row_info.data_ptr<float>();

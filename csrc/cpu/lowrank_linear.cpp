@@ -17,6 +17,7 @@
 #include "cpu/float_dtype.h"
 #include "cpu/kernels/lowrank.h"
 #include "cpu/parallel_tasks.h"
+#include "cpu/thread_scratch.h"
 
 namespace torchslim {
 namespace {
@@ -79,8 +80,8 @@ void lowrank_amx(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U, 
     xk.narrow(1, 0, K).copy_(x);
   }
   const int64_t chunk = std::min(M, kChunkTokens), mtiles_max = (chunk + 15) / 16;
-  at::Tensor x_tiles = at::empty({mtiles_max * ksteps * 512}, x.options());
-  at::Tensor t_tiles = at::empty({mtiles_max * rsteps * 512}, x.options());
+  const at::Tensor x_tiles = thread_scratch(Scratch::LowrankXTiles, {mtiles_max * ksteps * 512}, x.options());
+  const at::Tensor t_tiles = thread_scratch(Scratch::LowrankTTiles, {mtiles_max * rsteps * 512}, x.options());
   auto* xt = reinterpret_cast<uint16_t*>(x_tiles.data_ptr());
   auto* tt = reinterpret_cast<uint16_t*>(t_tiles.data_ptr());
   const auto* xp = reinterpret_cast<const uint16_t*>(xk.data_ptr());
@@ -107,7 +108,7 @@ void lowrank_rows(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U,
   const Dtype dt = float_dtype(x.scalar_type());
   auto* fn = avx512 ? cpu::lr_product_avx512 : cpu::lr_product_scalar;
   const int64_t chunk = std::min(M, kChunkTokens);
-  at::Tensor t = at::empty({chunk, r}, x.options());
+  const at::Tensor t = thread_scratch(Scratch::LowrankT, {chunk, r}, x.options());
   // At least ~64K multiply-adds per task (a task's fixed cost is small next to that).
   const int64_t v_step = task_rows(r, 8, (1 << 16) / std::max<int64_t>(1, K * chunk));
   const int64_t u_step = task_rows(N, 8, (1 << 16) / std::max<int64_t>(1, r * chunk));
@@ -133,7 +134,7 @@ constexpr int64_t kGemmChunkTokens = 256;
 void lowrank_gemm(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U, const at::Tensor& bias_x,
                   at::Tensor& out) {
   const int64_t M = x.size(0);
-  at::Tensor t = at::empty({std::min(M, kGemmChunkTokens), V.size(0)}, x.options());
+  const at::Tensor t = thread_scratch(Scratch::LowrankT, {std::min(M, kGemmChunkTokens), V.size(0)}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kGemmChunkTokens) {
     const int64_t mc = std::min(kGemmChunkTokens, M - m0);
     at::Tensor tc = t.narrow(0, 0, mc), oc = out.narrow(0, m0, mc);

@@ -155,7 +155,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
       cpu::s24_amx_supported()) {
     const at::Tensor xk = padded_x(x, round_up(K_pad, cpu::kS24XPad), at::kBFloat16);
     const int64_t mtiles = (M + 15) / 16, steps = round_up(K_pad, 32) / 32;
-    at::Tensor xv = at::empty({mtiles * steps * 512}, x.options());
+    const at::Tensor xv = thread_scratch(Scratch::Sparse24XTiles, {mtiles * steps * 512}, x.options());
     auto* xv_ptr = reinterpret_cast<uint16_t*>(xv.data_ptr());
     at::parallel_for(0, mtiles, 1, [&](int64_t b, int64_t e) {
       cpu::s24_prepare_x_amx(reinterpret_cast<const uint16_t*>(xk.data_ptr()), xk.size(1), M, K_pad, xv_ptr, b, e);
@@ -163,7 +163,8 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     const cpu::S24Args args{nullptr, 0, Dtype::BF16, values.data_ptr(), dt, meta.data_ptr<int16_t>(), K, K_pad,
                             bias_ptr, out.data_ptr(), N, dt, M};
     at::Tensor acc;  // partial sums between k-chunks
-    if (cpu::s24_amx_needs_acc(M, K_pad)) acc = at::empty({(N + 15) / 16 * mtiles * 256}, x.options().dtype(at::kFloat));
+    if (cpu::s24_amx_needs_acc(M, K_pad))
+      acc = thread_scratch(Scratch::Sparse24Acc, {(N + 15) / 16 * mtiles * 256}, x.options().dtype(at::kFloat));
     float* acc_ptr = acc.defined() ? acc.data_ptr<float>() : nullptr;
     // Tasks of 64 weight rows; with more than one activation group, ~2 per thread: each task streams
     // all of x's tiles (from L3 beyond 96 rows), so more tasks re-read them (64-row tasks made M = 512
