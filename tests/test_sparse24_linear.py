@@ -62,6 +62,12 @@ def test_amx_k_chunks_with_partial_sums(sparse24_isa, M, K):
     check_against_reference(*make_case(M, 37, K, torch.bfloat16, torch.bfloat16, K))
 
 
+@pytest.mark.parametrize("M", [2047, 2100])
+def test_bf16_many_rows(sparse24_isa, M):
+    # A batch of sequences (e.g. 32 x 64 tokens): many activation tile groups, an odd last tile.
+    check_against_reference(*make_case(M, 40, 200, torch.bfloat16, torch.bfloat16, M))
+
+
 @pytest.mark.parametrize("M,N,K", [(0, 5, 16), (3, 0, 16), (3, 5, 0), (0, 0, 0)])
 def test_empty_dimensions(sparse24_isa, M, N, K):
     x, values, meta, bias = make_case(M, N, K, torch.float32, torch.float32, 0)
