@@ -247,3 +247,18 @@ def compile_for_sm90(script: str, cases: dict) -> dict:
     if "skip" in result:
         pytest.skip(f"Triton {triton.__version__} has no ASTSource: {result['skip']}")
     return result
+
+
+def capture_cuda_graph(fn, static_x: torch.Tensor, warmup: int = 2):
+    """(graph, static output) of fn(static_x) captured in a CUDA graph, after `warmup` calls on a side
+    stream (as torch.cuda.graphs documents: compiles, autotunes and one-off checks happen there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    return graph, static_out

@@ -14,6 +14,7 @@ from torch import nn
 
 import torchslim
 from torchslim import CSRConfig, CSRLinear, Int8Linear, LowRankLinear, Sparse24Linear, patch_model
+from conftest import capture_cuda_graph
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
@@ -116,15 +117,7 @@ def test_patched_model_cuda_graph_capture_and_replay(method):
     model = patched_block(method)
     static_x = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles, autotunes and runs the one-off checks
-            for _ in range(3):
-                model(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = model(static_x)
+        graph, static_y = capture_cuda_graph(model, static_x, warmup=3)
         for seed in range(3):
             x = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(seed))
             static_x.copy_(x)

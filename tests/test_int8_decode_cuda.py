@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import FLOAT_DTYPES, assert_close_to_reference, examples
+from conftest import FLOAT_DTYPES, assert_close_to_reference, capture_cuda_graph, examples
 from hypothesis import given
 from hypothesis import strategies as st
 from test_int8_linear_triton import (
@@ -220,19 +220,6 @@ def test_concurrent_streams_do_not_share_counters():
             assert_bits_equal(out, expected[i])
 
 
-def _capture(fn, static_x):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs documents
-        for _ in range(2):
-            fn(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = fn(static_x)
-    return g, static_out
-
-
 @pytest.mark.parametrize("through", ["op", "int8_linear"])
 def test_cuda_graph_capture_and_replay(through, monkeypatch):
     monkeypatch.setenv("TORCHSLIM_CUDA_OPT_IN", "int8_decode")
@@ -244,7 +231,7 @@ def test_cuda_graph_capture_and_replay(through, monkeypatch):
         def fn(t):
             return ops.int8_linear(t, w_q, w_scale, bias)
     static_x = x.clone()
-    g, static_out = _capture(fn, static_x)
+    g, static_out = capture_cuda_graph(fn, static_x)
     for seed in range(3):
         new_x = make_case(4, 1000, 2048, torch.bfloat16, None, 100 + seed, device="cuda")[0]
         static_x.copy_(new_x)
