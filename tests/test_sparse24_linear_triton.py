@@ -475,7 +475,7 @@ def test_cuda_opcheck(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cuda_op_gradient(dtype):
-    # The C++ autograd is device-agnostic: dx = dy @ W, dbias = sum dy, as dense F.linear gives them.
+    # The autograd (_autograd.py) is device-agnostic: dx = dy @ W, dbias = sum dy, as dense F.linear gives them.
     x, values, meta, bias = make_case(9, 40, 50, dtype, dtype, 8, device="cuda")
     w = sparse24.unpack(values, meta, 50)
     x.requires_grad_()

@@ -2,8 +2,8 @@
 right under it. The schemas live in csrc/ops.cpp; the reference of every
 op is in reference.py.
 
-The autograd formulas are in C++ (csrc/int8_linear_autograd.cpp: a Python autograd kernel would
-cost ~14 us on every call made with grad mode on). The argument checks here are the Python twin of
+The autograd formulas are in _autograd.py; the wrappers call the ops through _autograd.call, which
+skips the autograd kernel where nothing needs a gradient. The argument checks here are the Python twin of
 the C++ checks (csrc/cpu/int8_linear.cpp), in the same words. The fakes run them, so a call that
 mixes devices (meta included) fails as it would on a real device instead of returning an
 uninitialized tensor; the Triton (CUDA) implementations run them too, before their value checks.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import call
 from .formats import csr as csr_format
 from .formats import sparse24 as sparse24_format
 from .formats.int8 import packed_shape
@@ -183,7 +184,7 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     Differentiable w.r.t. x through scale (q is integer): d scale / dx is that of absmax / 127,
     shared evenly between tied maxima, and 0 on the rows whose scale is fixed (0 or NaN).
     """
-    return torch.ops.torchslim.quantize_per_token.default(x)
+    return call(torch.ops.torchslim.quantize_per_token.default, x)
 
 
 @torch.library.register_fake("torchslim::quantize_per_token")
@@ -232,7 +233,7 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = N
     Differentiable w.r.t. x (straight through the activation quantization: the gradient of
     x @ (w_q * w_scale[:, None]).T) and bias; w_q and w_scale are frozen.
     """
-    return torch.ops.torchslim.int8_linear.default(x, w_q, w_scale, bias)
+    return call(torch.ops.torchslim.int8_linear.default, x, w_q, w_scale, bias)
 
 
 @torch.library.register_fake("torchslim::int8_linear")
@@ -248,7 +249,7 @@ def int8_linear_packed(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tenso
     x: (M, K) float32|bfloat16|float16; w_packed: int8 of shape packed_shape(N, K);
     w_scale: (N,) float32; bias: (N,) or None. Returns (M, N) in x.dtype. Differentiable as int8_linear.
     """
-    return torch.ops.torchslim.int8_linear_packed.default(x, w_packed, w_scale, bias)
+    return call(torch.ops.torchslim.int8_linear_packed.default, x, w_packed, w_scale, bias)
 
 
 @torch.library.register_fake("torchslim::int8_linear_packed")
@@ -271,7 +272,7 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
     the CPU; on CUDA it is not checked per call (Sparse24Linear checks it when it is built or loaded).
     Differentiable w.r.t. x and bias; values and meta are a frozen weight.
     """
-    return torch.ops.torchslim.sparse24_linear.default(x, values, meta, bias)
+    return call(torch.ops.torchslim.sparse24_linear.default, x, values, meta, bias)
 
 
 @torch.library.register_fake("torchslim::sparse24_linear")
@@ -296,7 +297,7 @@ def csr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
     (that would need a device sync): CSRLinear checks them when it is built or loaded.
     Differentiable w.r.t. x and bias; crow, col and values are a frozen weight.
     """
-    return torch.ops.torchslim.csr_linear.default(x, crow, col, values, bias)
+    return call(torch.ops.torchslim.csr_linear.default, x, crow, col, values, bias)
 
 
 @torch.library.register_fake("torchslim::csr_linear")
@@ -319,7 +320,7 @@ def lowrank_linear(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) 
     Returns (M, N) in x.dtype. Differentiable w.r.t. x, V, U and bias. The CPU's AVX-512 BF16 and AMX
     kernels, like oneDNN's bf16 GEMMs, treat bfloat16 subnormals (below 1.2e-38) as zero.
     """
-    return torch.ops.torchslim.lowrank_linear.default(x, V, U, bias)
+    return call(torch.ops.torchslim.lowrank_linear.default, x, V, U, bias)
 
 
 @torch.library.register_fake("torchslim::lowrank_linear")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._autograd import call
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
@@ -131,7 +132,7 @@ class CSRLinear(nn.Module):
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
         buffers = self._buffers
         x2, lead = flat_input(type(self).__name__, x, self.in_features, buffers["values"].dtype)
-        y = _CSR_LINEAR(x2, buffers["crow"], buffers["col"], buffers["values"], buffers["bias"])
+        y = call(_CSR_LINEAR, x2, buffers["crow"], buffers["col"], buffers["values"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):

@@ -7,6 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from .._autograd import call
 from .. import ops
 from ..compress.quantize import quantize_weight_per_channel
 from ..formats import int8 as int8_format
@@ -134,11 +135,11 @@ class Int8Linear(nn.Module):
         if smooth is not None and x2.dtype == torch.float16:
             # x / s can leave float16's range (and s underflow in it): divide in float32, where
             # the op then runs, and round the output to float16 once.
-            y = op(x2.float() / smooth, w, buffers["weight_scale"], buffers["bias"]).half()
+            y = call(op, x2.float() / smooth, w, buffers["weight_scale"], buffers["bias"]).half()
         else:
             if smooth is not None:
                 x2 = x2 / smooth.to(x2.dtype)
-            y = op(x2.contiguous(), w, buffers["weight_scale"], buffers["bias"])
+            y = call(op, x2.contiguous(), w, buffers["weight_scale"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     # ---- one weight copy per device layout -------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._autograd import call
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
@@ -120,7 +121,7 @@ class LowRankLinear(nn.Module):
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
         # Attribute reads, not self._buffers: a user who fine-tunes the factors makes them parameters.
         x2, lead = flat_input(type(self).__name__, x, self.in_features, self.V.dtype)
-        return _LOWRANK_LINEAR(x2, self.V, self.U, self.bias).reshape(*lead, self.out_features)
+        return call(_LOWRANK_LINEAR, x2, self.V, self.U, self.bias).reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
         return checked_apply(self, fn, recurse, super()._apply, (), "", weight="V")

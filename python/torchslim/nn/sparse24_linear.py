@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._autograd import call
 from ._compressed import FLOATS as _FLOATS
 from ._compressed import (assign_problems, bias_problems, checked_apply, copy_bias, dense_linear, flat_input,
                           float_problems, checked_load, tensor_problems)
@@ -107,7 +108,7 @@ class Sparse24Linear(nn.Module):
         """x: (..., in_features) in the layer's dtype -> (..., out_features)."""
         buffers = self._buffers
         x2, lead = flat_input(type(self).__name__, x, self.in_features, buffers["values"].dtype)
-        y = _SPARSE24_LINEAR(x2, buffers["values"], buffers["metadata"], buffers["bias"])
+        y = call(_SPARSE24_LINEAR, x2, buffers["values"], buffers["metadata"], buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):
