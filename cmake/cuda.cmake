@@ -158,6 +158,8 @@ function(torchslim_cuda_source file)
     endif()
   endforeach()
   set_property(SOURCE ${file} APPEND PROPERTY COMPILE_OPTIONS ${_opts} ${ARG_OPTIONS})
+  # USE_CUDA: the stable C shim then declares its CUDA functions (the current stream).
+  set_property(SOURCE ${file} APPEND PROPERTY COMPILE_DEFINITIONS USE_CUDA)
   set(CUDA_SOURCES ${CUDA_SOURCES} ${file} PARENT_SCOPE)
 endfunction()
 
@@ -228,5 +230,6 @@ else()
   set(_torchslim_cutlass_lib torchslim_cutlass)
 endif()
 
-set(TORCHSLIM_CUDA_LIBS torch_cuda c10_cuda CUDA::cudart ${_torchslim_cutlass_lib})
+# torch_cuda holds the stable C shim's CUDA functions; nothing of c10_cuda is used.
+set(TORCHSLIM_CUDA_LIBS torch_cuda CUDA::cudart ${_torchslim_cutlass_lib})
 set(WITH_CUDA ON)

@@ -1,10 +1,9 @@
 // Every torchslim op schema, defined once. Implementations register per dispatch key in
-// csrc/cpu/*.cpp, csrc/cuda/*.cu, or from Python (Triton); the fakes live in torchslim/ops.py.
-#include <torch/library.h>
+// csrc/cpu/*.cpp, csrc/cuda/*.cu, or from Python (Triton); the fakes live in torchslim/ops.py and the
+// autograd formulas in torchslim/_autograd.py (torchslim/__init__.py imports both right after this).
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(torchslim, m) {
-  m.set_python_module("torchslim.ops");
-
+STABLE_TORCH_LIBRARY(torchslim, m) {
   // x (M, K) float32|bfloat16|float16 -> (q (M, K) int8, scale (M,) float32), symmetric per row.
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
 

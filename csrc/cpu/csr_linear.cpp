@@ -1,13 +1,10 @@
 // CPU implementation of torchslim::csr_linear: argument and row pointer checks, the activation
-// layout, and threads (ATen); the arithmetic in cpu/kernels/csr_*.cpp. Two ways, by M:
+// layout, and threads (stable_tensor.h); the arithmetic in cpu/kernels/csr_*.cpp. Two ways, by M:
 //  - up to kGatherMaxRows rows of x: 16 stored entries at a time gather their activations (AVX-512);
 //  - more rows: x transposed into tiles of 4 to 64 tokens, each entry one broadcast multiply-add per
 //    tile row of up to 16 tokens, or with bfloat16 two entries per vdpbf16ps (AVX-512);
 // and a portable kernel where the active ISA has no AVX-512. Rows are split into tasks of equal work
 // (stored entries plus a per-row cost), whatever the spread of row lengths.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -25,11 +22,11 @@ using cpu::Dtype;
 
 // The row pointers, before any kernel trusts them (words of formats.csr.structure_problem).
 void check_crow(const int32_t* crow, int64_t N, int64_t nnz, const char* op) {
-  TORCH_CHECK(crow[0] == 0, op, ": crow[0] must be 0, got ", crow[0]);
+  TORCHSLIM_CHECK(crow[0] == 0, op, ": crow[0] must be 0, got ", crow[0]);
   for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(crow[n + 1] >= crow[n], op, ": crow must never decrease: crow[", n + 1, "] = ", crow[n + 1], " < crow[",
+    TORCHSLIM_CHECK(crow[n + 1] >= crow[n], op, ": crow must never decrease: crow[", n + 1, "] = ", crow[n + 1], " < crow[",
                 n, "] = ", crow[n]);
-  TORCH_CHECK(crow[N] == nnz, op, ": crow[N] must equal the number of stored values ", nnz, ", got ", crow[N]);
+  TORCHSLIM_CHECK(crow[N] == nnz, op, ": crow[N] must equal the number of stored values ", nnz, ", got ", crow[N]);
 }
 
 // The first bad column, described as formats.csr.structure_problem does (the kernels only say that
@@ -39,13 +36,13 @@ void check_crow(const int32_t* crow, int64_t N, int64_t nnz, const char* op) {
     int64_t prev = -1;
     for (int64_t j = a.crow[n]; j < a.crow[n + 1]; ++j) {
       const int64_t c = a.col16 ? static_cast<const int16_t*>(a.col)[j] : static_cast<const int32_t*>(a.col)[j];
-      TORCH_CHECK(c >= 0 && c < a.K, op, ": col[", j, "] = ", c, " (row ", n, ") is outside [0, ", a.K, ")");
-      TORCH_CHECK(c > prev, op, ": col must increase strictly within a row: row ", n, " has col[", j - 1, "] = ", prev,
+      TORCHSLIM_CHECK(c >= 0 && c < a.K, op, ": col[", j, "] = ", c, " (row ", n, ") is outside [0, ", a.K, ")");
+      TORCHSLIM_CHECK(c > prev, op, ": col must increase strictly within a row: row ", n, " has col[", j - 1, "] = ", prev,
                   " then col[", j, "] = ", c);
       prev = c;
     }
   }
-  TORCH_CHECK(false, op, ": col holds an invalid column");  // unreachable: a kernel found one
+  TORCHSLIM_CHECK(false, op, ": col holds an invalid column");  // unreachable: a kernel found one
 }
 
 // Task boundaries over rows [0, N): each task about the same work, counted as its stored entries
@@ -75,21 +72,23 @@ std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t N, int64_t tasks
 // gather 0.49 / 0.76 / 1.14 / 1.88 ms at M = 1 / 2 / 3 / 4 against the tiles' 1.2 ms.
 constexpr int64_t kGatherMaxRows = 3;
 
-at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                          const std::optional<at::Tensor>& bias) {
+Tensor csr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor values, std::optional<Tensor> bias) {
   const char* op = "csr_linear";
   check_csr_linear_args(x, crow, col, values, bias);
   const int64_t M = x.size(0), N = crow.size(0) - 1, K = x.size(1), nnz = values.size(0);
-  check_crow(crow.data_ptr<int32_t>(), N, nnz, op);
-  at::Tensor out = at::empty({M, N}, x.options());
+  check_crow(crow.const_data_ptr<int32_t>(), N, nnz, op);
+  const Device cpu_device(DeviceType::CPU);
+  Tensor out = empty({M, N}, x.scalar_type(), cpu_device);
   // The bias as F.linear adds it in x's dtype (so rounded to it once), then float32 for the kernels.
-  const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor bias_f = bias_x.defined() ? bias_x.to(at::kFloat) : at::Tensor();
+  const std::optional<Tensor> bias_f =
+      bias.has_value() ? std::optional(contiguous_as(contiguous_as(*bias, x.scalar_type()), ScalarType::Float))
+                       : std::nullopt;
   const Dtype dt = float_dtype(x.scalar_type());
-  cpu::CsrArgs args{crow.data_ptr<int32_t>(), col.data_ptr(), col.scalar_type() == at::kShort, values.data_ptr(),
-                    dt, K, nullptr, false, M, 0, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), N, dt};
+  cpu::CsrArgs args{crow.const_data_ptr<int32_t>(), col.const_data_ptr(), col.scalar_type() == ScalarType::Short,
+                    values.const_data_ptr(), dt, K, nullptr, false, M, 0,
+                    bias_f ? bias_f->const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), N, dt};
   const bool avx512 = cpu::csr_avx512_active();
-  at::Tensor xf;  // the activations in the kernel's layout and dtype (CsrArgs::x)
+  Tensor xf;  // the activations in the kernel's layout and dtype (CsrArgs::x)
   auto* rows_fn = cpu::csr_rows_scalar;
   if (M == 0) {
     // Nothing to multiply: the columns are still checked, as every call checks them.
@@ -97,26 +96,30 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
     // Token tiles with K + 1 columns (the last zero): bfloat16 where x is, beyond 16 rows (a 32-token
     // bfloat16 tile half empty measured slower than a float32 one of 16) and where the CPU has AVX512_BF16.
     args.x_bf16 = dt == Dtype::BF16 && M > 16 && cpu::csr_avx512_bf16_supported();
+    const ScalarType tile_dtype = args.x_bf16 ? ScalarType::BFloat16 : ScalarType::Float;
     args.T = M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
     const int64_t T = args.T, full = M / T, rest = M % T, tiles = full + (rest > 0);
     // Written in one pass into a scratch buffer (x[t T + i, k] at [t][k][i]): column K and the tokens
     // beyond M are the only zeros written.
-    xf = thread_scratch(Scratch::CsrTiles, {tiles, K + 1, T}, x.options().dtype(args.x_bf16 ? at::kBFloat16 : at::kFloat));
-    xf.select(1, K).zero_();
-    if (full > 0) xf.narrow(0, 0, full).narrow(1, 0, K).copy_(x.narrow(0, 0, full * T).view({full, T, K}).transpose(1, 2));
+    namespace st = torch::stable;
+    xf = thread_scratch(Scratch::CsrTiles, {tiles, K + 1, T}, tile_dtype);
+    zero(st::select(xf, 1, K));
+    if (full > 0)
+      copy_into(narrowed(narrowed(xf, 0, 0, full), 1, 0, K),
+                st::transpose(st::view(narrowed(x, 0, 0, full * T), {full, T, K}), 1, 2));
     if (rest > 0) {
-      const at::Tensor last = xf.select(0, full).narrow(0, 0, K);
-      last.narrow(1, 0, rest).copy_(x.narrow(0, full * T, rest).t());
-      last.narrow(1, rest, T - rest).zero_();
+      const Tensor last = narrowed(st::select(xf, 0, full), 0, 0, K);
+      copy_into(narrowed(last, 1, 0, rest), st::transpose(narrowed(x, 0, full * T, rest), 0, 1));
+      zero(narrowed(last, 1, rest, T - rest));
     }
     rows_fn = cpu::csr_rows_tokens_avx512;
   } else {
-    xf = x.to(at::kFloat).contiguous();
+    xf = contiguous_as(x, ScalarType::Float);
     if (avx512) rows_fn = cpu::csr_rows_gather_avx512;
   }
-  if (xf.defined()) args.x = xf.data_ptr();
+  if (xf.defined()) args.x = xf.const_data_ptr();
   // ~8 tasks per thread (room to balance a slowed thread), each at least ~16K entries x rows of x.
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = num_threads();
   const int64_t work = nnz * std::max<int64_t>(M, 1);
   const int64_t tasks = std::clamp<int64_t>(work / (1 << 14), 1, 8 * threads);
   const std::vector<int64_t> bounds = balanced_rows(args.crow, N, tasks, 16);
@@ -130,8 +133,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
-  m.impl("csr_linear", &csr_linear_cpu);
+STABLE_TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("csr_linear", TORCH_BOX(&csr_linear_cpu));
 }
 
 }  // namespace torchslim

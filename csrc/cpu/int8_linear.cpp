@@ -1,14 +1,11 @@
-// CPU implementations of the INT8 W8A8 ops: argument checks, buffers and threading (ATen), the
+// CPU implementations of the INT8 W8A8 ops: argument checks, buffers and threading (stable_tensor.h), the
 // arithmetic in the per-ISA kernels under cpu/kernels/.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "cpu/kernels/int8_gemm.h"
+#include "cpu/parallel_tasks.h"
 #include "cpu/thread_scratch.h"
 
 namespace torchslim {
@@ -21,20 +18,19 @@ using cpu::Isa;
 // gives at most 32385 per k, and 65536 * 32385 < 2**31. Int8Linear refuses wider layers up front.
 constexpr int64_t kMaxK = 65536;
 
-Dtype float_dtype(const at::Tensor& t, const char* op) {
+Dtype float_dtype(const Tensor& t, const char* op) {
   switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::F32;
-    case at::kBFloat16: return Dtype::BF16;
-    case at::kHalf: return Dtype::F16;
-    default:
-      TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", t.scalar_type());
+    case ScalarType::Float: return Dtype::F32;
+    case ScalarType::BFloat16: return Dtype::BF16;
+    case ScalarType::Half: return Dtype::F16;
+    default: fail(op, ": x must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
 }
 
-void check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
+void check_x(const Tensor& x, const char* op) {
+  TORCHSLIM_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", shape(x));
   float_dtype(x, op);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCHSLIM_CHECK(x.is_contiguous(), op, ": x must be contiguous");
 }
 
 // One pass over the weight scales, as the bit patterns of |s| (for non-negative floats the integer
@@ -65,38 +61,39 @@ ScaleRange scan_scales(const float* s, int64_t N) {
 
 // Checks w_scale (finite) and bias against N; returns bias as contiguous float32 (or undefined)
 // and the range of w_scale's magnitudes.
-std::pair<at::Tensor, ScaleRange> check_scale_and_bias(const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                                                       int64_t N, const char* op) {
-  TORCH_CHECK(w_scale.device().is_cpu(), op, ": w_scale must be on cpu like x, got ", w_scale.device());
-  TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N,
-              ",), got ", w_scale.sizes());
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ",
+std::pair<std::optional<Tensor>, ScaleRange> check_scale_and_bias(const Tensor& w_scale,
+                                                                  const std::optional<Tensor>& bias, int64_t N,
+                                                                  const char* op) {
+  TORCHSLIM_CHECK(w_scale.is_cpu(), op, ": w_scale must be on cpu like x, got ", w_scale.device());
+  TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N,
+              ",), got ", shape(w_scale));
+  TORCHSLIM_CHECK(w_scale.scalar_type() == ScalarType::Float, op, ": w_scale must be float32, got ",
               w_scale.scalar_type());
-  TORCH_CHECK(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
-  const float* s = w_scale.data_ptr<float>();
+  TORCHSLIM_CHECK(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
+  const float* s = w_scale.const_data_ptr<float>();
   const ScaleRange range = scan_scales(s, N);
   if (!range.finite()) {
     for (int64_t n = 0; n < N; ++n)
-      TORCH_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
+      TORCHSLIM_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
   }
-  if (!bias.has_value()) return {at::Tensor(), range};
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.device().is_cpu(), op, ": bias must be on cpu like x, got ", b.device());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", b.sizes());
-  TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
-  return {b.to(at::kFloat).contiguous(), range};
+  if (!bias.has_value()) return {std::nullopt, range};
+  const Tensor& b = *bias;
+  TORCHSLIM_CHECK(b.is_cpu(), op, ": bias must be on cpu like x, got ", b.device());
+  TORCHSLIM_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", shape(b));
+  TORCHSLIM_CHECK(is_floating_point(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
+  return {contiguous_as(b, ScalarType::Float), range};
 }
 
-void check_weight_q(const at::Tensor& w_q, const char* op) {
-  TORCH_CHECK(w_q.device().is_cpu(), op, ": w_q must be on cpu like x, got ", w_q.device());
-  TORCH_CHECK(w_q.dim() == 2, op, ": w_q must be 2-D (N, K), got shape ", w_q.sizes());
-  TORCH_CHECK(w_q.scalar_type() == at::kChar, op, ": w_q must be int8, got ", w_q.scalar_type());
-  TORCH_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
+void check_weight_q(const Tensor& w_q, const char* op) {
+  TORCHSLIM_CHECK(w_q.is_cpu(), op, ": w_q must be on cpu like x, got ", w_q.device());
+  TORCHSLIM_CHECK(w_q.dim() == 2, op, ": w_q must be 2-D (N, K), got shape ", shape(w_q));
+  TORCHSLIM_CHECK(w_q.scalar_type() == ScalarType::Char, op, ": w_q must be int8, got ", w_q.scalar_type());
+  TORCHSLIM_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
 }
 
-cpu::QuantizeArgs quantize_args(const at::Tensor& x, int64_t K_pad, at::Tensor& q, float* scale, int32_t* row_offset) {
-  return {x.data_ptr(), x.size(1), float_dtype(x, "quantize"), x.size(1), K_pad,
-          q.data_ptr<int8_t>(), q.size(1), scale, row_offset};
+cpu::QuantizeArgs quantize_args(const Tensor& x, int64_t K_pad, Tensor& q, float* scale, int32_t* row_offset) {
+  return {x.const_data_ptr(), x.size(1), float_dtype(x, "quantize"), x.size(1), K_pad,
+          q.mutable_data_ptr<int8_t>(), q.size(1), scale, row_offset};
 }
 
 void quantize_chunk(const cpu::QuantizeArgs& qa, int64_t m0, int64_t m1, Isa isa) {
@@ -110,56 +107,56 @@ void quantize_chunk(const cpu::QuantizeArgs& qa, int64_t m0, int64_t m1, Isa isa
 
 void quantize_rows(const cpu::QuantizeArgs& qa, int64_t M, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(qa.K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t b, int64_t e) { quantize_chunk(qa, b, e, isa); });
+  parallel_for(M, grain, [&](int64_t b, int64_t e) { quantize_chunk(qa, b, e, isa); });
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
+std::tuple<Tensor, Tensor> quantize_per_token_cpu(Tensor x) {
   check_x(x, "quantize_per_token");
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M > 0) quantize_rows(quantize_args(x, K, q, scale.data_ptr<float>(), nullptr), M, cpu::active_isa());
+  Tensor q = empty({M, K}, ScalarType::Char, x.device());
+  Tensor scale = empty({M}, ScalarType::Float, x.device());
+  if (M > 0) quantize_rows(quantize_args(x, K, q, scale.mutable_data_ptr<float>(), nullptr), M, cpu::active_isa());
   return {q, scale};
 }
 
-at::Tensor pack_weight_cpu(const at::Tensor& w_q) {
+Tensor pack_weight_cpu(Tensor w_q) {
   check_weight_q(w_q, "int8_pack_weight");
   const int64_t N = w_q.size(0), K = w_q.size(1);
-  at::Tensor packed = at::empty({cpu::packed_bytes(N, K)}, w_q.options());
-  cpu::pack_weight(w_q.data_ptr<int8_t>(), N, K, packed.data_ptr<int8_t>());
+  Tensor packed = empty({cpu::packed_bytes(N, K)}, ScalarType::Char, w_q.device());
+  cpu::pack_weight(w_q.const_data_ptr<int8_t>(), N, K, packed.mutable_data_ptr<int8_t>());
   return packed;
 }
 
 // The packed layout is self-describing: its header must name exactly this N and K (so a weight
 // packed for another shape, or bytes that never came from int8_pack_weight, are refused), and its
 // size must be the one they imply (so no kernel can read past it).
-void check_packed(const at::Tensor& w_packed, int64_t N, int64_t K, const char* op) {
-  TORCH_CHECK(w_packed.device().is_cpu(), op, ": w_packed must be on cpu like x, got ", w_packed.device());
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 && w_packed.is_contiguous(), op,
+void check_packed(const Tensor& w_packed, int64_t N, int64_t K, const char* op) {
+  TORCHSLIM_CHECK(w_packed.is_cpu(), op, ": w_packed must be on cpu like x, got ", w_packed.device());
+  TORCHSLIM_CHECK(w_packed.scalar_type() == ScalarType::Char && w_packed.dim() == 1 && w_packed.is_contiguous(), op,
               ": w_packed must be the contiguous 1-D int8 tensor int8_pack_weight returns, got ",
-              w_packed.scalar_type(), " of shape ", w_packed.sizes());
+              w_packed.scalar_type(), " of shape ", shape(w_packed));
   // Below 2**31 each, the byte count below cannot overflow (and no real weight comes near).
-  TORCH_CHECK(N >= 0 && K >= 0 && N < (int64_t(1) << 31) && K < (int64_t(1) << 31), op,
+  TORCHSLIM_CHECK(N >= 0 && K >= 0 && N < (int64_t(1) << 31) && K < (int64_t(1) << 31), op,
               ": N and K must be in [0, 2**31), got N=", N, ", K=", K);
   const int64_t expected = cpu::packed_bytes(N, K);
-  TORCH_CHECK(w_packed.numel() >= cpu::kHeaderBytes, op, ": w_packed holds ", w_packed.numel(),
+  TORCHSLIM_CHECK(w_packed.numel() >= cpu::kHeaderBytes, op, ": w_packed holds ", w_packed.numel(),
               " bytes, less than its ", cpu::kHeaderBytes, "-byte header");
   cpu::PackedHeader h;
-  std::memcpy(&h, w_packed.data_ptr<int8_t>(), sizeof(h));
-  TORCH_CHECK(std::memcmp(h.magic, cpu::kPackedMagic, sizeof(h.magic)) == 0 && h.version == cpu::kPackedVersion &&
+  std::memcpy(&h, w_packed.const_data_ptr<int8_t>(), sizeof(h));
+  TORCHSLIM_CHECK(std::memcmp(h.magic, cpu::kPackedMagic, sizeof(h.magic)) == 0 && h.version == cpu::kPackedVersion &&
                   h.block_n == cpu::kBlockN, op,
               ": w_packed has no valid header (not made by int8_pack_weight of this torchslim version)");
-  TORCH_CHECK(h.N == N && h.K == K, op, ": w_packed was packed for a (N=", h.N, ", K=", h.K,
+  TORCHSLIM_CHECK(h.N == N && h.K == K, op, ": w_packed was packed for a (N=", h.N, ", K=", h.K,
               ") weight, but the call needs (N=", N, ", K=", K, ")");
-  TORCH_CHECK(w_packed.numel() == expected, op, ": w_packed holds ", w_packed.numel(),
+  TORCHSLIM_CHECK(w_packed.numel() == expected, op, ": w_packed holds ", w_packed.numel(),
               " bytes, but a packed (N=", N, ", K=", K, ") weight holds ", expected);
 }
 
-at::Tensor unpack_weight_cpu(const at::Tensor& w_packed, int64_t N, int64_t K) {
+Tensor unpack_weight_cpu(Tensor w_packed, int64_t N, int64_t K) {
   const char* op = "int8_unpack_weight";
   check_packed(w_packed, N, K, op);
-  at::Tensor w = at::empty({N, K}, w_packed.options());
-  cpu::unpack_weight(w_packed.data_ptr<int8_t>(), N, K, w.data_ptr<int8_t>());
+  Tensor w = empty({N, K}, ScalarType::Char, w_packed.device());
+  cpu::unpack_weight(w_packed.const_data_ptr<int8_t>(), N, K, w.mutable_data_ptr<int8_t>());
   return w;
 }
 
@@ -171,20 +168,21 @@ std::pair<double, double> safe_row_scales(const ScaleRange& r) {
           double(std::numeric_limits<float>::max()) / ScaleRange::value(r.largest)};
 }
 
-at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                   const std::optional<at::Tensor>& bias, const char* op) {
+Tensor int8_linear_packed_impl(const Tensor& x, const Tensor& w_packed, const Tensor& w_scale,
+                               const std::optional<Tensor>& bias, const char* op) {
   check_x(x, op);
-  TORCH_CHECK(w_scale.dim() == 1, op, ": w_scale must be 1-D (N,), got shape ", w_scale.sizes());
+  TORCHSLIM_CHECK(w_scale.dim() == 1, op, ": w_scale must be 1-D (N,), got shape ", shape(w_scale));
   const int64_t M = x.size(0), K = x.size(1), N = w_scale.size(0);
   const auto [bias_f32, scale_range] = check_scale_and_bias(w_scale, bias, N, op);
   check_packed(w_packed, N, K, op);
-  TORCH_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
+  TORCHSLIM_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
   if (K == 0) {  // an empty sum: every row is the bias (the kernels assume at least one k step)
-    at::Tensor out = at::zeros({M, N}, x.options());
-    if (bias_f32.defined()) out.copy_(bias_f32.expand({M, N}));
+    Tensor out = empty({M, N}, x.scalar_type(), x.device());
+    if (bias_f32) copy_into(out, *bias_f32);  // broadcast over the rows
+    else zero(out);
     return out;
   }
-  at::Tensor out = at::empty({M, N}, x.options());
+  Tensor out = empty({M, N}, x.scalar_type(), x.device());
   if (M == 0 || N == 0) return out;
 
   // Below 16 rows an AMX tile is mostly padding and its setup costs more than it saves: the
@@ -194,19 +192,19 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
   const int64_t K_pad = cpu::round_up(K, cpu::kPadK);
   // AMX loads activation tiles of 32 rows: pad with rows of zeros (their outputs are not written).
   const int64_t M_pad = isa == Isa::Amx ? cpu::round_up(M, 32) : M;
-  at::Tensor q = thread_scratch(Scratch::Int8Q, {M_pad, K_pad}, x.options().dtype(at::kChar));
+  Tensor q = thread_scratch(Scratch::Int8Q, {M_pad, K_pad}, ScalarType::Char);
   // Per row: the scale (float32) and 128 * the sum of q (int32), in one allocation (this runs per call).
-  at::Tensor row_info = at::empty({2 * M}, x.options().dtype(at::kFloat));
-  float* a_scale = row_info.data_ptr<float>();
+  Tensor row_info = empty({2 * M}, ScalarType::Float, x.device());
+  float* a_scale = row_info.mutable_data_ptr<float>();
   int32_t* a_offset = reinterpret_cast<int32_t*>(a_scale + M);
-  if (M_pad > M) std::memset(q.data_ptr<int8_t>() + M * K_pad, 0, (M_pad - M) * K_pad);
+  if (M_pad > M) std::memset(q.mutable_data_ptr<int8_t>() + M * K_pad, 0, (M_pad - M) * K_pad);
   const cpu::QuantizeArgs qa = quantize_args(x, K_pad, q, a_scale, a_offset);
 
   const auto [lo, hi] = safe_row_scales(scale_range);
-  const cpu::GemmArgs g{q.data_ptr<int8_t>(), K_pad, a_scale, a_offset,
-                        w_packed.data_ptr<int8_t>() + cpu::kHeaderBytes, w_scale.data_ptr<float>(),
-                        bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
-                        out.data_ptr(), N, float_dtype(x, op), M, N, K_pad, lo, hi};
+  const cpu::GemmArgs g{q.const_data_ptr<int8_t>(), K_pad, a_scale, a_offset,
+                        w_packed.const_data_ptr<int8_t>() + cpu::kHeaderBytes, w_scale.const_data_ptr<float>(),
+                        bias_f32 ? bias_f32->const_data_ptr<float>() : nullptr,
+                        out.mutable_data_ptr(), N, float_dtype(x, op), M, N, K_pad, lo, hi};
   auto* tile = isa == Isa::Amx ? cpu::gemm_tile_amx
              : isa == Isa::Avx512Vnni ? cpu::gemm_tile_avx512
              : isa == Isa::AvxVnni ? cpu::gemm_tile_avxvnni
@@ -220,7 +218,7 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
     // all channels: it quantizes its rows and multiplies them while they are still in L1/L2, and
     // every task re-reads the weight from cache. (A large weight would be re-read from DRAM.)
     constexpr int64_t kRows = 96;
-    at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
+    parallel_for((M + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t m0 = t * kRows, m1 = std::min(M, m0 + kRows);
         quantize_chunk(qa, m0, m1, isa);
@@ -239,9 +237,9 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
   constexpr int64_t kRows = 192;
   const int64_t MT = (M + kRows - 1) / kRows;
   int64_t blocks = M <= 128 ? 4 : 8;
-  while (blocks > 2 && (NB + blocks - 1) / blocks * MT < 4 * at::get_num_threads()) blocks /= 2;
+  while (blocks > 2 && (NB + blocks - 1) / blocks * MT < 4 * num_threads()) blocks /= 2;
   const int64_t NG = (NB + blocks - 1) / blocks;
-  at::parallel_for(0, NG * MT, 1, [&](int64_t b, int64_t e) {
+  parallel_for(NG * MT, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t nb0 = (t / MT) * blocks, m0 = (t % MT) * kRows;
       tile(g, m0, std::min(M, m0 + kRows), nb0, std::min(NB, nb0 + blocks));
@@ -250,29 +248,27 @@ at::Tensor int8_linear_packed_impl(const at::Tensor& x, const at::Tensor& w_pack
   return out;
 }
 
-at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                  const std::optional<at::Tensor>& bias) {
+Tensor int8_linear_packed_cpu(Tensor x, Tensor w_packed, Tensor w_scale, std::optional<Tensor> bias) {
   return int8_linear_packed_impl(x, w_packed, w_scale, bias, "int8_linear_packed");
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias) {
+Tensor int8_linear_cpu(Tensor x, Tensor w_q, Tensor w_scale, std::optional<Tensor> bias) {
   const char* op = "int8_linear";
   check_x(x, op);
   check_weight_q(w_q, op);
-  TORCH_CHECK(w_q.size(1) == x.size(1), op, ": x has K=", x.size(1), " but w_q has K=", w_q.size(1));
+  TORCHSLIM_CHECK(w_q.size(1) == x.size(1), op, ": x has K=", x.size(1), " but w_q has K=", w_q.size(1));
   check_scale_and_bias(w_scale, bias, w_q.size(0), op);
   return int8_linear_packed_impl(x, pack_weight_cpu(w_q), w_scale, bias, op);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
-  m.impl("quantize_per_token", &quantize_per_token_cpu);
-  m.impl("int8_pack_weight", &pack_weight_cpu);
-  m.impl("int8_unpack_weight", &unpack_weight_cpu);
-  m.impl("int8_linear", &int8_linear_cpu);
-  m.impl("int8_linear_packed", &int8_linear_packed_cpu);
+STABLE_TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("quantize_per_token", TORCH_BOX(&quantize_per_token_cpu));
+  m.impl("int8_pack_weight", TORCH_BOX(&pack_weight_cpu));
+  m.impl("int8_unpack_weight", TORCH_BOX(&unpack_weight_cpu));
+  m.impl("int8_linear", TORCH_BOX(&int8_linear_cpu));
+  m.impl("int8_linear_packed", TORCH_BOX(&int8_linear_packed_cpu));
 }
 
 }  // namespace torchslim

@@ -1,9 +1,10 @@
-// Scratch tensors kept per calling thread across calls (the op layer only: includes ATen).
+// Scratch tensors kept per calling thread across calls (the op layer only).
 #pragma once
-#include <ATen/ATen.h>
-#include <c10/util/accumulate.h>
-
 #include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+#include "stable_tensor.h"
 
 namespace torchslim {
 
@@ -20,19 +21,38 @@ enum class Scratch {
   Count
 };
 
-// An uninitialized tensor of `sizes` that stays valid until the calling thread asks for the same
+inline int64_t element_size(ScalarType t) {
+  switch (t) {
+    case ScalarType::Char: case ScalarType::Byte: return 1;
+    case ScalarType::BFloat16: case ScalarType::Half: case ScalarType::Short: return 2;
+    case ScalarType::Float: case ScalarType::Int: return 4;
+    default: return 8;
+  }
+}
+
+// An uninitialized CPU tensor of `sizes` that stays valid until the calling thread asks for the same
 // slot again (so: only within one op call, never returned). Why: a fresh allocation of more than the
 // allocator's mmap threshold is a fresh mapping each call, whose page faults (or zeroing, where memory
 // is locked) measured up to a quarter of a 2:4 float32 call at M = 128 on the small layers. Up to
 // kMaxCachedBytes per slot stays allocated for the thread's life; larger requests are plain allocations.
-inline at::Tensor thread_scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+inline Tensor thread_scratch(Scratch slot, std::initializer_list<int64_t> sizes, ScalarType dtype) {
   constexpr int64_t kMaxCachedBytes = int64_t(32) << 20;
-  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
-  if (bytes > kMaxCachedBytes) return at::empty(sizes, options);
-  thread_local at::Tensor cache[int(Scratch::Count)];
-  at::Tensor& c = cache[int(slot)];
-  if (!c.defined() || c.numel() < bytes) c = at::empty({bytes}, options.dtype(at::kByte));
-  return at::from_blob(c.data_ptr(), sizes, options);
+  const Device cpu(DeviceType::CPU);
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t bytes = numel * element_size(dtype);
+  if (bytes > kMaxCachedBytes) return empty(sizes, dtype, cpu);
+  thread_local Tensor cache[int(Scratch::Count)];
+  Tensor& c = cache[int(slot)];
+  if (!c.defined() || c.numel() < bytes) c = empty({bytes}, ScalarType::Byte, cpu);
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= sizes.begin()[d];
+  }
+  return torch::stable::from_blob(c.mutable_data_ptr(), torch::headeronly::IntHeaderOnlyArrayRef(sizes),
+                                  torch::headeronly::IntHeaderOnlyArrayRef(strides), cpu, dtype);
 }
 
 }  // namespace torchslim

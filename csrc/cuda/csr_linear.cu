@@ -29,15 +29,9 @@
 //    among empty ones is worked on by several warps instead of serializing the grid behind one.
 //  - K == 0 or nnz == 0: csr_finalize_kernel with zero parts (out = bias, or zeros).
 //
-// Only light headers (no ATen/ATen.h, no ATen/cuda/CUDAContext.h), as quantize_per_token.cu.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// The op layer on the LibTorch Stable ABI (cuda/stable_cuda.h), as every op file.
 #include "csr_linear_checks.h"
+#include "cuda/stable_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -283,7 +277,7 @@ csr_finalize_kernel(const float* __restrict__ ws, const float* __restrict__ bias
 
 unsigned blocks_for(int64_t threads, const char* what) {
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= 2147483647, "csr_linear: the problem is too large for one launch (", what, ")");
+  TORCHSLIM_CHECK(blocks <= 2147483647, "csr_linear: the problem is too large for one launch (", what, ")");
   return static_cast<unsigned>(blocks);
 }
 
@@ -291,7 +285,7 @@ template <typename T>
 void launch_finalize(const float* ws, const float* bias, T* out, int64_t M, int64_t N, int parts, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>((M * N + kThreads - 1) / kThreads, int64_t(1) << 20);
   csr_finalize_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(ws, bias, out, M, N, parts);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch("csr_linear");
 }
 
 // Parts per row: rows are cut every part_len entries; part_len >= kMinPartLen and >= twice the mean
@@ -311,8 +305,8 @@ void plan_parts(int64_t M, int64_t N, int64_t K, int64_t nnz, int64_t step, int&
 }
 
 template <typename T, typename Idx>
-void launch_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                  const float* bias, at::Tensor& out, cudaStream_t stream) {
+void launch_typed(const Tensor& x, const Tensor& crow, const Tensor& col, const Tensor& values, const float* bias,
+                  Tensor& out, cudaStream_t stream) {
   const int64_t M = x.size(0), K = x.size(1), N = crow.size(0) - 1, nnz = values.size(0);
   constexpr int VEC = 16 / sizeof(T);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
@@ -323,10 +317,10 @@ void launch_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 
   int parts;
   int64_t part_len;
-  at::Tensor ws;
+  Tensor ws;
   auto workspace = [&]() -> float* {
     if (parts == 1) return nullptr;
-    ws = at::empty({parts, M, N}, x.options().dtype(at::kFloat));
+    ws = empty({parts, M, N}, ScalarType::Float, x.device());
     return ws.mutable_data_ptr<float>();
   };
 
@@ -349,19 +343,19 @@ void launch_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
     else
       short_rows ? TORCHSLIM_CSR_ROWS(8, 8) : TORCHSLIM_CSR_ROWS(8, 32);
 #undef TORCHSLIM_CSR_ROWS
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch("csr_linear");
     if (parts > 1) launch_finalize<T>(wsp, bias, op, M, N, parts, stream);
     return;
   }
 
   // xt (K, Mp): x transposed, tokens padded to a multiple of V = VEC.
   const int64_t Mp = (M + VEC - 1) / VEC * VEC;
-  at::Tensor xt = at::empty({K, Mp}, x.options());
+  Tensor xt = empty({K, Mp}, x.scalar_type(), x.device());
   T* xtp = static_cast<T*>(xt.mutable_data_ptr());
   const int64_t tiles_k = (K + 31) / 32, tiles_m = (Mp + 31) / 32;
-  TORCH_CHECK(tiles_k * tiles_m <= 2147483647, "csr_linear: x is too large for one launch (transpose)");
+  TORCHSLIM_CHECK(tiles_k * tiles_m <= 2147483647, "csr_linear: x is too large for one launch (transpose)");
   transpose_kernel<T><<<static_cast<unsigned>(tiles_k * tiles_m), kThreads, 0, stream>>>(xp, xtp, M, Mp, K, tiles_k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch("csr_linear");
 
   // Four token lanes (32 bf16 / 16 float32 tokens per tile) up to that many tokens, else sixteen.
   const int TL = M <= 4 * VEC ? 4 : 16;
@@ -377,41 +371,39 @@ void launch_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
   else
     TORCHSLIM_CSR_TOKENS(16);
 #undef TORCHSLIM_CSR_TOKENS
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch("csr_linear");
   if (parts > 1) launch_finalize<T>(wsp, bias, op, M, N, parts, stream);
 }
 
 template <typename T>
-void launch(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-            const float* bias, at::Tensor& out, cudaStream_t stream) {
-  if (col.scalar_type() == at::kShort)
+void launch(const Tensor& x, const Tensor& crow, const Tensor& col, const Tensor& values, const float* bias,
+            Tensor& out, cudaStream_t stream) {
+  if (col.scalar_type() == ScalarType::Short)
     launch_typed<T, int16_t>(x, crow, col, values, bias, out, stream);
   else
     launch_typed<T, int32_t>(x, crow, col, values, bias, out, stream);
 }
 
-at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                           const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+Tensor csr_linear_cuda(Tensor x, Tensor crow, Tensor col, Tensor values, std::optional<Tensor> bias) {
   const char* op = "csr_linear";
   check_csr_linear_args(x, crow, col, values, bias);
   // Reached with every argument on x's device, so x is the CUDA tensor the dispatcher saw.
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCHSLIM_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
   const int64_t M = x.size(0), K = x.size(1), N = crow.size(0) - 1, nnz = values.size(0);
 
-  // Custom ops get no device guard from the dispatcher: launch on x's device, on its current stream.
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
+  const DeviceGuard guard(x.get_device_index());
+  Tensor out = empty({M, N}, x.scalar_type(), x.device());
   if (M == 0 || N == 0) return out;
   // The bias as F.linear adds it (rounded to x's dtype), then float32 for the kernels.
-  at::Tensor bias_f;
-  if (bias.has_value()) bias_f = bias->to(x.scalar_type()).to(at::kFloat).contiguous();
+  Tensor bias_f;
+  if (bias.has_value()) bias_f = contiguous_as(contiguous_as(*bias, x.scalar_type()), ScalarType::Float);
   const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  const auto dt = x.scalar_type();
+  const cudaStream_t stream = current_stream(x.get_device_index());
+  const ScalarType dt = x.scalar_type();
   if (K == 0 || nnz == 0) {  // nothing to multiply: out = bias (or zeros)
     switch (dt) {
-      case at::kFloat: launch_finalize<float>(nullptr, bp, out.mutable_data_ptr<float>(), M, N, 0, stream); break;
-      case at::kBFloat16:
+      case ScalarType::Float: launch_finalize<float>(nullptr, bp, out.mutable_data_ptr<float>(), M, N, 0, stream); break;
+      case ScalarType::BFloat16:
         launch_finalize<__nv_bfloat16>(nullptr, bp, static_cast<__nv_bfloat16*>(out.mutable_data_ptr()), M, N, 0, stream);
         break;
       default: launch_finalize<__half>(nullptr, bp, static_cast<__half*>(out.mutable_data_ptr()), M, N, 0, stream); break;
@@ -419,8 +411,8 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at
     return out;
   }
   switch (dt) {
-    case at::kFloat: launch<float>(x, crow, col, values, bp, out, stream); break;
-    case at::kBFloat16: launch<__nv_bfloat16>(x, crow, col, values, bp, out, stream); break;
+    case ScalarType::Float: launch<float>(x, crow, col, values, bp, out, stream); break;
+    case ScalarType::BFloat16: launch<__nv_bfloat16>(x, crow, col, values, bp, out, stream); break;
     default: launch<__half>(x, crow, col, values, bp, out, stream); break;
   }
   return out;
@@ -428,8 +420,8 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
-  m.impl("csr_linear", &csr_linear_cuda);
+STABLE_TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
+  m.impl("csr_linear", TORCH_BOX(&csr_linear_cuda));
 }
 
 }  // namespace torchslim

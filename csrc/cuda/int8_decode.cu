@@ -40,14 +40,7 @@
 //        element loads.
 //
 // Only light headers, as quantize_per_token.cu.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "cuda/stable_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -407,32 +400,33 @@ struct DeviceLimits {
 };
 
 const DeviceLimits& device_limits(int device) {
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "_int8_linear_decode: device index ", device, " out of range");
+  TORCHSLIM_CHECK(device >= 0 && device < kMaxDevices, "_int8_linear_decode: device index ", device, " out of range");
   static DeviceLimits cached[kMaxDevices];
   static std::mutex mutex;
   const std::lock_guard<std::mutex> lock(mutex);
   DeviceLimits& d = cached[device];
   if (d.sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
   }
   return d;
 }
 
 // A zeroed int32 workspace of at least `ints` elements for this call (see the header comment).
-at::Tensor workspace(const at::Tensor& like, int64_t ints, const c10::cuda::CUDAStream& stream) {
-  const auto options = like.options().dtype(at::kInt);
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    return at::zeros({ints}, options);  // captured with the kernel: zeroed at every replay
+Tensor workspace(const Tensor& like, int64_t ints, cudaStream_t stream, int device) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TORCHSLIM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    return torch::stable::new_zeros(like, {ints}, ScalarType::Int);  // captured with the kernel: zeroed at every replay
   }
   // Never destroyed: freeing CUDA memory from a static destructor at exit is not safe.
-  static auto* buffers = new std::map<std::pair<int, int64_t>, at::Tensor>();
+  static auto* buffers = new std::map<std::pair<int, uintptr_t>, Tensor>();
   static std::mutex mutex;
   const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buf = (*buffers)[{int(stream.device_index()), int64_t(stream.id())}];
+  Tensor& buf = (*buffers)[{device, reinterpret_cast<uintptr_t>(stream)}];
   if (!buf.defined() || buf.numel() < ints) {
     // Zeroed on the current stream (x's device, the stream of the launch), ordered before it.
-    buf = at::zeros({std::max<int64_t>(ints, buf.defined() ? 2 * buf.numel() : 0)}, options);
+    buf = torch::stable::new_zeros(like, {std::max<int64_t>(ints, buf.defined() ? 2 * buf.numel() : 0)}, ScalarType::Int);
   }
   return buf;  // a reference: the storage stays alive until the launch is enqueued
 }
@@ -461,10 +455,10 @@ int choose_splits(int64_t tiles, int64_t chunks, int64_t bn, int64_t x_bytes, in
 }
 
 template <typename T, int MB>
-void launch(Params p, int64_t x_elem_bytes, at::Tensor& ws, const c10::cuda::CUDAStream& stream, int device) {
+void launch(Params p, int64_t x_elem_bytes, Tensor& ws, cudaStream_t stream, int device) {
   constexpr int BN = kWarps * channels_per_warp<MB>();
   const int64_t tiles = (p.N + BN - 1) / BN;
-  TORCH_CHECK(tiles <= 2147483647, "_int8_linear_decode: N=", p.N, " is too large");
+  TORCHSLIM_CHECK(tiles <= 2147483647, "_int8_linear_decode: N=", p.N, " is too large");
   const int64_t chunks = (p.K + 15) / 16;
   const DeviceLimits& lim = device_limits(device);
   const int64_t max_chunks = (lim.max_smem - kStaticSmem) / q_pitch<MB>();
@@ -472,29 +466,29 @@ void launch(Params p, int64_t x_elem_bytes, at::Tensor& ws, const c10::cuda::CUD
   int64_t cps = chunks > 0 ? (chunks + splits - 1) / splits : 1;
   p.chunks_per_split = int(cps);
   p.splits = chunks > 0 ? int((chunks + cps - 1) / cps) : 1;
-  TORCH_CHECK(p.splits <= 65535, "_int8_linear_decode: K=", p.K, " needs too many splits");
+  TORCHSLIM_CHECK(p.splits <= 65535, "_int8_linear_decode: K=", p.K, " needs too many splits");
   const int smem = int(cps * q_pitch<MB>());
   auto kernel = int8_decode_kernel<T, MB>;
   if (smem > 48 * 1024) {
     // Above 48 KiB a kernel must opt in, once per device (the limit is the device's, set once).
     static bool opted[kMaxDevices] = {};
     if (!opted[device]) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TORCHSLIM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           lim.max_smem - kStaticSmem));
       opted[device] = true;
     }
   }
   const int64_t ints = int64_t(p.M) * p.N + tiles;
-  ws = workspace(ws, ints, stream);
+  ws = workspace(ws, ints, stream, device);
   p.acc = ws.mutable_data_ptr<int>();
   p.counters = p.acc + int64_t(p.M) * p.N;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits));
-  kernel<<<grid, kThreads, smem, stream.stream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  check_launch("_int8_linear_decode");
 }
 
 template <typename T>
-void launch_m(Params p, at::Tensor& ws, const c10::cuda::CUDAStream& stream, int device) {
+void launch_m(Params p, Tensor& ws, cudaStream_t stream, int device) {
   const int64_t e = sizeof(T);
   if (p.M <= 1) launch<T, 1>(p, e, ws, stream, device);
   else if (p.M <= 2) launch<T, 2>(p, e, ws, stream, device);
@@ -503,51 +497,48 @@ void launch_m(Params p, at::Tensor& ws, const c10::cuda::CUDAStream& stream, int
   else launch<T, 16>(p, e, ws, stream, device);
 }
 
-bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-at::Tensor int8_linear_decode_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
-                                   const std::optional<at::Tensor>& bias_opt) {
+Tensor int8_linear_decode_cuda(Tensor x, Tensor w_q, Tensor w_scale, std::optional<Tensor> bias_opt) {
   const char* op = "_int8_linear_decode";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
-  TORCH_CHECK(is_float_dtype(x.scalar_type()), op, ": x must be float32, bfloat16 or float16, got ",
+  TORCHSLIM_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCHSLIM_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", shape(x));
+  TORCHSLIM_CHECK(is_float(x.scalar_type()), op, ": x must be float32, bfloat16 or float16, got ",
               x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= kMaxM, op, ": x has M=", M, " rows; this kernel is for decode, M <= ", kMaxM,
+  TORCHSLIM_CHECK(M <= kMaxM, op, ": x has M=", M, " rows; this kernel is for decode, M <= ", kMaxM,
               " (int8_linear takes larger M)");
-  TORCH_CHECK(K <= 1 || x.stride(1) == 1, op, ": x must have unit stride along K (rows may be strided), got strides ",
-              x.strides());
-  TORCH_CHECK(w_q.device() == x.device(), op, ": w_q must be on ", x.device(), " like x, got ", w_q.device());
-  TORCH_CHECK(w_q.dim() == 2, op, ": w_q must be 2-D (N, K), got shape ", w_q.sizes());
-  TORCH_CHECK(w_q.scalar_type() == at::kChar, op, ": w_q must be int8, got ", w_q.scalar_type());
-  TORCH_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
-  TORCH_CHECK(w_q.size(1) == K, op, ": x has K=", K, " but w_q has K=", w_q.size(1));
-  TORCH_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
+  TORCHSLIM_CHECK(K <= 1 || x.stride(1) == 1, op, ": x must have unit stride along K (rows may be strided), got strides ",
+              strides(x));
+  TORCHSLIM_CHECK(w_q.device() == x.device(), op, ": w_q must be on ", x.device(), " like x, got ", w_q.device());
+  TORCHSLIM_CHECK(w_q.dim() == 2, op, ": w_q must be 2-D (N, K), got shape ", shape(w_q));
+  TORCHSLIM_CHECK(w_q.scalar_type() == ScalarType::Char, op, ": w_q must be int8, got ", w_q.scalar_type());
+  TORCHSLIM_CHECK(w_q.is_contiguous(), op, ": w_q must be contiguous");
+  TORCHSLIM_CHECK(w_q.size(1) == K, op, ": x has K=", K, " but w_q has K=", w_q.size(1));
+  TORCHSLIM_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
   const int64_t N = w_q.size(0);
-  TORCH_CHECK(w_scale.device() == x.device(), op, ": w_scale must be on ", x.device(), " like x, got ",
+  TORCHSLIM_CHECK(w_scale.device() == x.device(), op, ": w_scale must be on ", x.device(), " like x, got ",
               w_scale.device());
-  TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N, ",), got ",
-              w_scale.sizes());
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ", w_scale.scalar_type());
-  TORCH_CHECK(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
+  TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N, ",), got ",
+              shape(w_scale));
+  TORCHSLIM_CHECK(w_scale.scalar_type() == ScalarType::Float, op, ": w_scale must be float32, got ", w_scale.scalar_type());
+  TORCHSLIM_CHECK(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
   int bias_kind = 0;
   const void* bias_ptr = nullptr;
   if (bias_opt.has_value() && bias_opt->defined()) {
-    const at::Tensor& b = *bias_opt;
-    TORCH_CHECK(b.device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ", b.device());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", b.sizes());
-    TORCH_CHECK(is_float_dtype(b.scalar_type()), op, ": bias must be float32, bfloat16 or float16, got ",
+    const Tensor& b = *bias_opt;
+    TORCHSLIM_CHECK(b.device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ", b.device());
+    TORCHSLIM_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", shape(b));
+    TORCHSLIM_CHECK(is_float(b.scalar_type()), op, ": bias must be float32, bfloat16 or float16, got ",
                 b.scalar_type());
-    TORCH_CHECK(b.is_contiguous(), op, ": bias must be contiguous");
-    bias_kind = b.scalar_type() == at::kFloat ? 1 : (b.scalar_type() == at::kBFloat16 ? 2 : 3);
+    TORCHSLIM_CHECK(b.is_contiguous(), op, ": bias must be contiguous");
+    bias_kind = b.scalar_type() == ScalarType::Float ? 1 : (b.scalar_type() == ScalarType::BFloat16 ? 2 : 3);
     bias_ptr = b.const_data_ptr();
   }
 
-  // Custom ops get no device guard from the dispatcher: launch on x's device, on its current stream.
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
+  const DeviceGuard guard(x.get_device_index());
+  Tensor out = empty({M, N}, x.scalar_type(), x.device());
   if (M == 0 || N == 0) return out;
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(x.get_device());
+  const int device = x.get_device_index();
+  const cudaStream_t stream = current_stream(device);
 
   Params p{};
   p.x = x.const_data_ptr();
@@ -564,19 +555,19 @@ at::Tensor int8_linear_decode_cuda(const at::Tensor& x, const at::Tensor& w_q, c
   p.x_vec = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && (p.ldx * esize) % 16 == 0;
   p.w_vec = reinterpret_cast<uintptr_t>(p.w) % 16 == 0 && K % 16 == 0;
 
-  at::Tensor ws = out;  // only its options are used to allocate the workspace
+  Tensor ws = out;  // only its device is used to allocate the workspace
   switch (x.scalar_type()) {
-    case at::kFloat: launch_m<float>(p, ws, stream, x.get_device()); break;
-    case at::kBFloat16: launch_m<__nv_bfloat16>(p, ws, stream, x.get_device()); break;
-    default: launch_m<__half>(p, ws, stream, x.get_device()); break;
+    case ScalarType::Float: launch_m<float>(p, ws, stream, device); break;
+    case ScalarType::BFloat16: launch_m<__nv_bfloat16>(p, ws, stream, device); break;
+    default: launch_m<__half>(p, ws, stream, device); break;
   }
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
-  m.impl("_int8_linear_decode", &int8_linear_decode_cuda);
+STABLE_TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
+  m.impl("_int8_linear_decode", TORCH_BOX(&int8_linear_decode_cuda));
 }
 
 }  // namespace torchslim

@@ -38,13 +38,8 @@
 // refuses devices other than compute capability 9.0 before any launch; nvcc older than 12.0 stops
 // at the #error below.
 //
-// Only light headers (no ATen/ATen.h, no ATen/cuda/CUDAContext.h), as quantize_per_token.cu.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// The op layer on the LibTorch Stable ABI (cuda/stable_cuda.h), as every op file.
+#include "cuda/stable_cuda.h"
 
 #include <cuda_runtime.h>
 
@@ -197,19 +192,19 @@ const DeviceInfo& device_info(int device) {
   constexpr int kMaxDevices = 64;
   static DeviceInfo infos[kMaxDevices];
   static std::once_flag once[kMaxDevices];
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, kOp, ": device index ", device, " out of range");
+  TORCHSLIM_CHECK(device >= 0 && device < kMaxDevices, kOp, ": device index ", device, " out of range");
   DeviceInfo& d = infos[device];
   std::call_once(once[device], [&] {  // an exception (a CUDA error) leaves the flag unset: retried
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
   });
   return d;
 }
 
 template <class ElementOut, class ElementBias>
-void run_gemm(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& b_q, const at::Tensor& b_scale,
-              const void* bias, at::Tensor& out, int device, cudaStream_t stream) {
+void run_gemm(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, const Tensor& b_scale, const void* bias,
+              Tensor& out, int device, cudaStream_t stream) {
   using G = Sm90Int8Gemm<ElementOut, ElementBias>;
   using Gemm = typename G::Gemm;
   using StrideA = typename Gemm::GemmKernel::StrideA;
@@ -228,7 +223,7 @@ void run_gemm(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor
        static_cast<const int8_t*>(b_q.const_data_ptr()), row_major_stride<StrideB>(K)},
       {{},  // the fusion's arguments, set below
        nullptr, row_major_stride<StrideC>(N),
-       static_cast<ElementOut*>(out.data_ptr()), row_major_stride<StrideD>(N)},
+       static_cast<ElementOut*>(out.mutable_data_ptr()), row_major_stride<StrideD>(N)},
   };
   args.hw_info.device_id = device;
   args.hw_info.sm_count = device_info(device).sm_count;
@@ -243,111 +238,108 @@ void run_gemm(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor
 
   Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS cannot run this problem (M=", M, ", N=", N,
+  TORCHSLIM_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS cannot run this problem (M=", M, ", N=", N,
               ", K=", K, "): ", cutlassGetStatusString(status));
   const size_t workspace_bytes = Gemm::get_workspace_size(args);
-  at::Tensor workspace;
+  Tensor workspace;
   if (workspace_bytes > 0) {
     // From torch's caching allocator, on the current stream: no cudaMalloc per call, graph-safe.
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a_q.options().dtype(at::kByte));
+    workspace = empty({static_cast<int64_t>(workspace_bytes)}, ScalarType::Byte, a_q.device());
   }
-  status = gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS initialize failed: ",
+  status = gemm.initialize(args, workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream);
+  TORCHSLIM_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS initialize failed: ",
               cutlassGetStatusString(status));
   status = gemm.run(stream);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS launch failed: ", cutlassGetStatusString(status));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCHSLIM_CHECK(status == cutlass::Status::kSuccess, kOp, ": CUTLASS launch failed: ", cutlassGetStatusString(status));
+  check_launch(kOp);
 }
 
 template <class ElementOut>
-void dispatch_bias(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& b_q, const at::Tensor& b_scale,
-                   const std::optional<at::Tensor>& bias, at::Tensor& out, int device, cudaStream_t stream) {
+void dispatch_bias(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, const Tensor& b_scale,
+                   const std::optional<Tensor>& bias, Tensor& out, int device, cudaStream_t stream) {
   if (!bias.has_value()) {
     run_gemm<ElementOut, float>(a_q, a_scale, b_q, b_scale, nullptr, out, device, stream);
     return;
   }
   const void* p = bias->const_data_ptr();
   switch (bias->scalar_type()) {
-    case at::kFloat: run_gemm<ElementOut, float>(a_q, a_scale, b_q, b_scale, p, out, device, stream); break;
-    case at::kBFloat16:
+    case ScalarType::Float: run_gemm<ElementOut, float>(a_q, a_scale, b_q, b_scale, p, out, device, stream); break;
+    case ScalarType::BFloat16:
       run_gemm<ElementOut, cutlass::bfloat16_t>(a_q, a_scale, b_q, b_scale, p, out, device, stream);
       break;
-    case at::kHalf: run_gemm<ElementOut, cutlass::half_t>(a_q, a_scale, b_q, b_scale, p, out, device, stream); break;
-    default: TORCH_CHECK(false, kOp, ": unreachable bias dtype");  // checked before
+    case ScalarType::Half: run_gemm<ElementOut, cutlass::half_t>(a_q, a_scale, b_q, b_scale, p, out, device, stream); break;
+    default: fail(kOp, ": unreachable bias dtype");  // checked before
   }
 }
 
-bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-at::Tensor int8_gemm_sm90(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& b_q,
-                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
-                          at::ScalarType out_dtype) {
+Tensor int8_gemm_sm90(Tensor a_q, Tensor a_scale, Tensor b_q, Tensor b_scale, std::optional<Tensor> bias,
+                      ScalarType out_dtype) {
   // Shapes and dtypes first (they are meaningful on any device), then devices, then alignment.
-  TORCH_CHECK(a_q.dim() == 2 && a_q.scalar_type() == at::kChar, kOp, ": a_q must be a 2-D int8 tensor, got ",
-              a_q.scalar_type(), " of shape ", a_q.sizes());
-  TORCH_CHECK(b_q.dim() == 2 && b_q.scalar_type() == at::kChar, kOp, ": b_q must be a 2-D int8 tensor, got ",
-              b_q.scalar_type(), " of shape ", b_q.sizes());
+  TORCHSLIM_CHECK(a_q.dim() == 2 && a_q.scalar_type() == ScalarType::Char, kOp, ": a_q must be a 2-D int8 tensor, got ",
+              a_q.scalar_type(), " of shape ", shape(a_q));
+  TORCHSLIM_CHECK(b_q.dim() == 2 && b_q.scalar_type() == ScalarType::Char, kOp, ": b_q must be a 2-D int8 tensor, got ",
+              b_q.scalar_type(), " of shape ", shape(b_q));
   const int64_t M = a_q.size(0), K = a_q.size(1), N = b_q.size(0);
-  TORCH_CHECK(b_q.size(1) == K, kOp, ": a_q has K=", K, " but b_q has K=", b_q.size(1));
-  TORCH_CHECK(K <= kMaxK, kOp, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
-  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.dim() == 1 && a_scale.size(0) == M &&
+  TORCHSLIM_CHECK(b_q.size(1) == K, kOp, ": a_q has K=", K, " but b_q has K=", b_q.size(1));
+  TORCHSLIM_CHECK(K <= kMaxK, kOp, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
+  TORCHSLIM_CHECK(a_scale.scalar_type() == ScalarType::Float && a_scale.dim() == 1 && a_scale.size(0) == M &&
                   a_scale.is_contiguous(),
               kOp, ": a_scale must be a contiguous float32 tensor of shape (", M, ",), got ", a_scale.scalar_type(),
-              " of shape ", a_scale.sizes());
-  TORCH_CHECK(b_scale.scalar_type() == at::kFloat && b_scale.dim() == 1 && b_scale.size(0) == N &&
+              " of shape ", shape(a_scale));
+  TORCHSLIM_CHECK(b_scale.scalar_type() == ScalarType::Float && b_scale.dim() == 1 && b_scale.size(0) == N &&
                   b_scale.is_contiguous(),
               kOp, ": b_scale must be a contiguous float32 tensor of shape (", N, ",), got ", b_scale.scalar_type(),
-              " of shape ", b_scale.sizes());
+              " of shape ", shape(b_scale));
   if (bias.has_value()) {
-    TORCH_CHECK(is_float_dtype(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == N &&
+    TORCHSLIM_CHECK(is_float(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == N &&
                     bias->is_contiguous(),
                 kOp, ": bias must be a contiguous float32, bfloat16 or float16 tensor of shape (", N, ",), got ",
-                bias->scalar_type(), " of shape ", bias->sizes());
+                bias->scalar_type(), " of shape ", shape(*bias));
   }
-  TORCH_CHECK(is_float_dtype(out_dtype), kOp, ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  TORCHSLIM_CHECK(is_float(out_dtype), kOp, ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
 
-  TORCH_CHECK(a_q.is_cuda(), kOp, ": a_q must be a CUDA tensor, got device ", a_q.device());
-  const auto check_device = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == a_q.device(), kOp, ": ", name, " is on ", t.device(), " but a_q is on ", a_q.device());
+  TORCHSLIM_CHECK(a_q.is_cuda(), kOp, ": a_q must be a CUDA tensor, got device ", a_q.device());
+  const auto check_device = [&](const Tensor& t, const char* name) {
+    TORCHSLIM_CHECK(t.device() == a_q.device(), kOp, ": ", name, " is on ", t.device(), " but a_q is on ", a_q.device());
   };
   check_device(a_scale, "a_scale");
   check_device(b_q, "b_q");
   check_device(b_scale, "b_scale");
   if (bias.has_value()) check_device(*bias, "bias");
 
-  TORCH_CHECK(a_q.is_contiguous() && b_q.is_contiguous(), kOp,
-              ": a_q and b_q must be contiguous (row-major, K innermost), got strides ", a_q.strides(), " and ",
-              b_q.strides());
-  TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX, kOp, ": M=", M, " and N=", N, " must fit in int32");
+  TORCHSLIM_CHECK(a_q.is_contiguous() && b_q.is_contiguous(), kOp,
+              ": a_q and b_q must be contiguous (row-major, K innermost), got strides ", strides(a_q), " and ",
+              strides(b_q));
+  TORCHSLIM_CHECK(M <= INT32_MAX && N <= INT32_MAX, kOp, ": M=", M, " and N=", N, " must fit in int32");
   // K == 0 (an empty sum) is left to the caller: int8_linear never sends it here.
-  TORCH_CHECK(K > 0, kOp, ": K must be positive, got K=0");
-  const int64_t out_bytes = c10::elementSize(out_dtype);
-  TORCH_CHECK(K % kAlignBytes == 0, kOp, ": K=", K, " must be a multiple of 16: TMA needs 16-byte aligned row ",
+  TORCHSLIM_CHECK(K > 0, kOp, ": K must be positive, got K=0");
+  const int64_t out_bytes = out_dtype == ScalarType::Float ? 4 : 2;
+  TORCHSLIM_CHECK(K % kAlignBytes == 0, kOp, ": K=", K, " must be a multiple of 16: TMA needs 16-byte aligned row ",
               "strides of a_q and b_q (int8_linear uses its Triton kernel for other K)");
-  TORCH_CHECK((N * out_bytes) % kAlignBytes == 0, kOp, ": N=", N, " times ", out_bytes, " bytes of ", out_dtype,
+  TORCHSLIM_CHECK((N * out_bytes) % kAlignBytes == 0, kOp, ": N=", N, " times ", out_bytes, " bytes of ", out_dtype,
               " must be a multiple of 16: TMA needs 16-byte aligned row strides of the output (N % ",
               kAlignBytes / out_bytes, " == 0)");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(a_q.const_data_ptr()) % kAlignBytes == 0 &&
+  TORCHSLIM_CHECK(reinterpret_cast<uintptr_t>(a_q.const_data_ptr()) % kAlignBytes == 0 &&
                   reinterpret_cast<uintptr_t>(b_q.const_data_ptr()) % kAlignBytes == 0,
               kOp, ": a_q and b_q must start at 16-byte aligned addresses (TMA), e.g. not a view at an odd offset");
 
-  const c10::cuda::CUDAGuard guard(a_q.device());
-  const int device = a_q.get_device();
-  at::Tensor out = at::empty({M, N}, a_q.options().dtype(out_dtype));
+  const DeviceGuard guard(a_q.get_device_index());
+  const int device = a_q.get_device_index();
+  Tensor out = empty({M, N}, out_dtype, a_q.device());
   if (M == 0 || N == 0) return out;
 
   const DeviceInfo& info = device_info(device);
-  TORCH_CHECK(info.major == 9 && info.minor == 0, kOp, ": this kernel is built for sm_90a (H100/H200) only, but ",
+  TORCHSLIM_CHECK(info.major == 9 && info.minor == 0, kOp, ": this kernel is built for sm_90a (H100/H200) only, but ",
               a_q.device(), " has compute capability ", info.major, ".", info.minor);
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cudaStream_t stream = current_stream(device);
   switch (out_dtype) {
-    case at::kFloat: dispatch_bias<float>(a_q, a_scale, b_q, b_scale, bias, out, device, stream); break;
-    case at::kBFloat16:
+    case ScalarType::Float: dispatch_bias<float>(a_q, a_scale, b_q, b_scale, bias, out, device, stream); break;
+    case ScalarType::BFloat16:
       dispatch_bias<cutlass::bfloat16_t>(a_q, a_scale, b_q, b_scale, bias, out, device, stream);
       break;
-    case at::kHalf: dispatch_bias<cutlass::half_t>(a_q, a_scale, b_q, b_scale, bias, out, device, stream); break;
-    default: TORCH_CHECK(false, kOp, ": unreachable out dtype");
+    case ScalarType::Half: dispatch_bias<cutlass::half_t>(a_q, a_scale, b_q, b_scale, bias, out, device, stream); break;
+    default: fail(kOp, ": unreachable out dtype");
   }
   return out;
 }
@@ -355,6 +347,6 @@ at::Tensor int8_gemm_sm90(const at::Tensor& a_q, const at::Tensor& a_scale, cons
 }  // namespace
 }  // namespace torchslim
 
-TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
-  m.impl("_int8_gemm_sm90", &torchslim::int8_gemm_sm90);
+STABLE_TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
+  m.impl("_int8_gemm_sm90", TORCH_BOX(&torchslim::int8_gemm_sm90));
 }

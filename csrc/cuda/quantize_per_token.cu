@@ -13,14 +13,7 @@
 // pass 2 reads the row again (it is in L1/L2 by then) and writes q. Loads are 16 bytes per thread
 // when the row pointers allow it, one element otherwise.
 //
-// Only light headers: no ATen/ATen.h and no ATen/cuda/CUDAContext.h (which drags in cuBLAS and
-// cuSPARSE); c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream aliases.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "cuda/stable_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -140,7 +133,7 @@ void launch_vec(const T* x, int8_t* q, float* scale, int64_t M, int64_t K, cudaS
   const int64_t nvec = K / VEC;
   auto grid = [M](int rows_per_block) {
     const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
-    TORCH_CHECK(blocks <= 2147483647, "quantize_per_token: too many rows (", M, ")");
+    TORCHSLIM_CHECK(blocks <= 2147483647, "quantize_per_token: too many rows (", M, ")");
     return dim3(static_cast<unsigned>(blocks));
   };
   if (nvec <= 32 * 8) {
@@ -150,11 +143,11 @@ void launch_vec(const T* x, int8_t* q, float* scale, int64_t M, int64_t K, cudaS
   } else {
     quantize_per_token_kernel<T, VEC, 256><<<grid(1), kThreads, 0, stream>>>(x, q, scale, M, K);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch("quantize_per_token");
 }
 
 template <typename T>
-void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, cudaStream_t stream) {
+void launch(const Tensor& x, Tensor& q, Tensor& scale, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t M = x.size(0), K = x.size(1);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
@@ -169,25 +162,23 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, cudaStream_t 
     launch_vec<T, 1>(xp, qp, sp, M, K, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) {
+std::tuple<Tensor, Tensor> quantize_per_token_cuda(Tensor x) {
   const char* op = "quantize_per_token";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCHSLIM_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCHSLIM_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", shape(x));
+  const ScalarType dtype = x.scalar_type();
+  TORCHSLIM_CHECK(is_float(dtype), op, ": x must be float32, bfloat16 or float16, got ", dtype);
+  TORCHSLIM_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t M = x.size(0), K = x.size(1);
 
-  // Custom ops get no device guard from the dispatcher: launch on x's device, on its current stream.
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const DeviceGuard guard(x.get_device_index());
+  Tensor q = empty({M, K}, ScalarType::Char, x.device());
+  Tensor scale = empty({M}, ScalarType::Float, x.device());
   if (M == 0) return {q, scale};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const cudaStream_t stream = current_stream(x.get_device_index());
   switch (dtype) {
-    case at::kFloat: launch<float>(x, q, scale, stream); break;
-    case at::kBFloat16: launch<__nv_bfloat16>(x, q, scale, stream); break;
+    case ScalarType::Float: launch<float>(x, q, scale, stream); break;
+    case ScalarType::BFloat16: launch<__nv_bfloat16>(x, q, scale, stream); break;
     default: launch<__half>(x, q, scale, stream); break;
   }
   return {q, scale};
@@ -195,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
-  m.impl("quantize_per_token", &quantize_per_token_cuda);
+STABLE_TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
+  m.impl("quantize_per_token", TORCH_BOX(&quantize_per_token_cuda));
 }
 
 }  // namespace torchslim
