@@ -385,7 +385,12 @@ def test_cuda_op_under_torch_compile():
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
 
 
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 @needs_kernel_device
+@pytest.mark.skipif(INTERPRETED and _TRITON_VERSION < (3, 9),
+                    reason="the Triton interpreter before 3.9 evaluates tl.fma as a multiply, then an add (two roundings)")
 def test_epilogue_adds_the_bias_in_one_rounding():
     # acc * s = 1.5 FLT_MAX is beyond float32, acc * s + bias = 5e37 is not: an fma gives it.
     q = torch.zeros(1, 64, dtype=torch.int8)

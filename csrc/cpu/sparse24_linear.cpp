@@ -186,6 +186,19 @@ Tensor sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, std::optional<T
   // the vector kernels (which multiply the expanded zeros) do: every path gives F.linear's non-finites.
   const bool nonfinite_x = !avx512 && !all_finite(x);
   if ((M >= dense_min_rows && dt != Dtype::F16) || nonfinite_x) {
+    if (dt == Dtype::BF16 && (nonfinite_x || !all_finite(x))) {
+      // An Inf or NaN in bfloat16 x: the float32 GEMM instead, the same float32 sums rounded once.
+      // torch 2.11's bfloat16 GEMM (oneDNN) let one row's Inf reach other rows' outputs (measured with
+      // the wheel built for 2.11; 2.13's keeps it in its row).
+      const std::optional<Tensor> bias32 =
+          bias_x ? std::optional(contiguous_as(*bias_x, ScalarType::Float)) : std::nullopt;
+      Tensor out32 = empty({M, N}, ScalarType::Float, x.device());
+      if (!dense_blocks(contiguous_as(x, ScalarType::Float), contiguous_as(values, ScalarType::Float), meta, bias32,
+                        out32, avx512))
+        raise_bad_meta(meta, op);
+      copy_into(out, out32);
+      return out;
+    }
     if (!dense_blocks(x, values, meta, bias_x, out, avx512)) raise_bad_meta(meta, op);
     return out;
   }
