@@ -1,4 +1,4 @@
-"""Smoke test of the CUDA build of torchslim (run by `make cuda-check`, from outside the source tree).
+"""Smoke test of the CUDA build of torchslim (run by `make wheel-cuda` in CI and by `make cuda-check`, from outside the source tree).
 
 Everywhere: the module imports, reports cuda_compiled, has CUDA kernels registered for
 quantize_per_token and csr_linear, and its CPU ops agree with torchslim.reference (csr_linear's

@@ -10,6 +10,12 @@
 #include "cpu/kernels/lowrank.h"
 #include "cpu/kernels/sparse24.h"
 
+// manylinux_2_28: glibc 2.28 has no __libc_single_threaded (it came in 2.32), which GCC 12's libstdc++
+// headers read to skip atomic reference counts in a single-threaded process. This module's own copy
+// (hidden: its references bind here, not to glibc) says "not single-threaded": always the atomic
+// operations, correct in every process, and the wheel needs nothing of glibc beyond 2.14.
+extern "C" __attribute__((visibility("hidden"))) char __libc_single_threaded = 0;
+
 namespace py = pybind11;
 using namespace torchslim::cpu;
 

@@ -191,14 +191,19 @@ struct DeviceInfo {
 const DeviceInfo& device_info(int device) {
   constexpr int kMaxDevices = 64;
   static DeviceInfo infos[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
+  // A mutex, not std::call_once: that binds pthread_once@GLIBC_2.34 and would tie the wheel to
+  // manylinux_2_34 (see Makefile: wheel-cuda).
+  static std::mutex mutex;
   TORCHSLIM_CHECK(device >= 0 && device < kMaxDevices, kOp, ": device index ", device, " out of range");
+  const std::lock_guard<std::mutex> lock(mutex);
   DeviceInfo& d = infos[device];
-  std::call_once(once[device], [&] {  // an exception (a CUDA error) leaves the flag unset: retried
-    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
-    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device));
-    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
-  });
+  if (d.sm_count == 0) {  // a CUDA error leaves it 0: asked again next time
+    DeviceInfo q;
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&q.major, cudaDevAttrComputeCapabilityMajor, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&q.minor, cudaDevAttrComputeCapabilityMinor, device));
+    TORCHSLIM_CUDA_CHECK(cudaDeviceGetAttribute(&q.sm_count, cudaDevAttrMultiProcessorCount, device));
+    d = q;
+  }
   return d;
 }
 

@@ -160,10 +160,7 @@ float bits_to_float(uint32_t bits) {
   } else if constexpr (DT == Dtype::BF16) {
     return bf16_to_float(uint16_t(bits));
   } else {
-    _Float16 h;
-    const uint16_t b = uint16_t(bits);
-    std::memcpy(&h, &b, 2);
-    return float(h);
+    return f16_to_float(uint16_t(bits));
   }
 }
 
