@@ -74,8 +74,8 @@ inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, cons
 // `t` in dtype `dtype`, contiguous (t itself where it already is both: each dispatcher call through
 // the stable ABI costs ~1 us, a small layer's whole budget at one token).
 inline Tensor contiguous_as(const Tensor& t, ScalarType dtype) {
-  if (t.scalar_type() == dtype) return t.is_contiguous() ? t : torch::stable::contiguous(t);
-  return torch::stable::contiguous(torch::stable::to(t, dtype));
+  const Tensor c = t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+  return c.is_contiguous() ? c : torch::stable::contiguous(c);
 }
 
 // narrow, copy_ and zero_ of the stable API take a non-const Tensor& (the handle; the data is shared

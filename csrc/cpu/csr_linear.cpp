@@ -80,13 +80,12 @@ Tensor csr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor values, std::opt
   const Device cpu_device(DeviceType::CPU);
   Tensor out = empty({M, N}, x.scalar_type(), cpu_device);
   // The bias as F.linear adds it in x's dtype (so rounded to it once), then float32 for the kernels.
-  const std::optional<Tensor> bias_f =
-      bias.has_value() ? std::optional(contiguous_as(contiguous_as(*bias, x.scalar_type()), ScalarType::Float))
-                       : std::nullopt;
+  Tensor bias_keep;
+  const float* bias_f = bias_as_floats(bias, x.scalar_type(), bias_keep);
   const Dtype dt = float_dtype(x.scalar_type());
   cpu::CsrArgs args{crow.const_data_ptr<int32_t>(), col.const_data_ptr(), col.scalar_type() == ScalarType::Short,
                     values.const_data_ptr(), dt, K, nullptr, false, M, 0,
-                    bias_f ? bias_f->const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), N, dt};
+                    bias_f, out.mutable_data_ptr(), N, dt};
   const bool avx512 = cpu::csr_avx512_active();
   Tensor xf;  // the activations in the kernel's layout and dtype (CsrArgs::x)
   auto* rows_fn = cpu::csr_rows_scalar;

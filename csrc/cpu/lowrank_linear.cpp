@@ -150,9 +150,8 @@ Tensor lowrank_linear_cpu(Tensor x, Tensor V, Tensor U, std::optional<Tensor> bi
     else zero(out);
     return out;
   }
-  const std::optional<Tensor> bias_f =
-      bias_x ? std::optional(contiguous_as(*bias_x, ScalarType::Float)) : std::nullopt;
-  const float* bias_ptr = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  Tensor bias_keep;
+  const float* bias_ptr = bias_as_floats(bias, x.scalar_type(), bias_keep);
   const bool avx512 = cpu::lr_avx512_supported() && cpu::active_isa() >= cpu::Isa::Avx512Vnni;
   if (x.scalar_type() == ScalarType::BFloat16 && M >= kAmxMinRows && cpu::active_isa() == cpu::Isa::Amx &&
       cpu::lr_amx_supported())

@@ -137,9 +137,8 @@ Tensor sparse24_linear_cpu(Tensor x, Tensor values, Tensor meta, std::optional<T
   }
 
   const Dtype dt = float_dtype(x.scalar_type());
-  const std::optional<Tensor> bias_f =
-      bias_x ? std::optional(contiguous_as(*bias_x, ScalarType::Float)) : std::nullopt;
-  const float* bias_ptr = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  Tensor bias_keep;
+  const float* bias_ptr = bias_as_floats(bias, x.scalar_type(), bias_keep);
 
   // bfloat16 with AMX, from 2 rows: the AMX kernel, which expands one 16 x 32 weight tile at a time
   // into the tile multiply. (Measured, 4096 x 4096: at M = 2..4 1.5x bf16 dense against ~1.0x for the
