@@ -1,8 +1,10 @@
 // What the op layer uses of torch, on the LibTorch Stable ABI only (torch/csrc/stable, torch/headeronly):
 // tensors, argument checks with clear messages, and the ATen ops it calls. Nothing in csrc/ may use
-// libtorch's C++ API (at::, c10:: beyond the header-only types, torch:: beyond torch::stable): one
-// wheel then loads under every torch from the one it was built against (2.11) on.
-// tests/test_abi.py checks the compiled module's undefined symbols for that.
+// libtorch's C++ API (at::, c10:: beyond the header-only types, torch:: beyond torch::stable): built for
+// the stable ABI of torch 2.11 (TORCH_TARGET_VERSION, CMakeLists.txt), one wheel then loads under every
+// torch from 2.11 on. tests/test_abi.py checks the compiled module's undefined symbols for that.
+// Each accessor of a Tensor (sizes, data pointers, dtype) is a call into torch's shim: read them once,
+// never in a per-element loop.
 #pragma once
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
