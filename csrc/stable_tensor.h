@@ -97,9 +97,8 @@ Tensor call_aten(const char* name, const char* overload, const A&... args) {
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
-// out = a @ b (+ bias broadcast over rows), written into out (which may be a strided view): mm.out and
-// linear.out, which take no Scalar (the stable ABI passes none): linear.out(x, w, bias) is x @ w^T + bias.
-inline void mm_out(Tensor& out, const Tensor& a, const Tensor& b) { call_aten("aten::mm", "out", a, b, out); }
+// out = x @ w^T (+ bias broadcast over rows), written into out (which may be a strided view): linear.out,
+// which takes no Scalar (the stable ABI passes none, so not addmm.out).
 inline void linear_out(Tensor& out, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
   call_aten("aten::linear", "out", x, w, bias, out);
 }

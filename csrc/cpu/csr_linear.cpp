@@ -117,8 +117,7 @@ Tensor csr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor values, std::opt
   check_csr_linear_args(x, crow, col, values, bias);
   const int64_t M = x.size(0), N = crow.size(0) - 1, K = x.size(1), nnz = values.size(0);
   check_crow(crow.const_data_ptr<int32_t>(), N, nnz, op);
-  const Device cpu_device(DeviceType::CPU);
-  Tensor out = empty({M, N}, x.scalar_type(), cpu_device);
+  Tensor out = empty({M, N}, x.scalar_type(), x.device());
   // The bias as F.linear adds it in x's dtype (so rounded to it once), then float32 for the kernels.
   Tensor bias_keep;
   const float* bias_f = bias_as_floats(bias, x.scalar_type(), bias_keep);

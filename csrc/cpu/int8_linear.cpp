@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/float_dtype.h"
 #include "cpu/kernels/int8_gemm.h"
 #include "cpu/parallel_tasks.h"
 #include "cpu/thread_scratch.h"
@@ -19,12 +20,8 @@ using cpu::Isa;
 constexpr int64_t kMaxK = 65536;
 
 Dtype float_dtype(const Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case ScalarType::Float: return Dtype::F32;
-    case ScalarType::BFloat16: return Dtype::BF16;
-    case ScalarType::Half: return Dtype::F16;
-    default: fail(op, ": x must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
+  TORCHSLIM_CHECK(is_float(t.scalar_type()), op, ": x must be float32, bfloat16 or float16, got ", t.scalar_type());
+  return torchslim::float_dtype(t.scalar_type());
 }
 
 void check_x(const Tensor& x, const char* op) {
@@ -59,11 +56,8 @@ ScaleRange scan_scales(const float* s, int64_t N) {
   return r;
 }
 
-// Checks w_scale (finite) and bias against N; returns bias as contiguous float32 (or undefined)
-// and the range of w_scale's magnitudes.
-std::pair<std::optional<Tensor>, ScaleRange> check_scale_and_bias(const Tensor& w_scale,
-                                                                  const std::optional<Tensor>& bias, int64_t N,
-                                                                  const char* op) {
+// Checks w_scale (finite) and bias against N; returns the range of w_scale's magnitudes.
+ScaleRange check_scale_and_bias(const Tensor& w_scale, const std::optional<Tensor>& bias, int64_t N, const char* op) {
   TORCHSLIM_CHECK(w_scale.is_cpu(), op, ": w_scale must be on cpu like x, got ", w_scale.device());
   TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, ": w_scale must have shape (", N,
               ",), got ", shape(w_scale));
@@ -76,12 +70,12 @@ std::pair<std::optional<Tensor>, ScaleRange> check_scale_and_bias(const Tensor& 
     for (int64_t n = 0; n < N; ++n)
       TORCHSLIM_CHECK(std::isfinite(s[n]), op, ": w_scale[", n, "] is ", s[n], "; scales must be finite");
   }
-  if (!bias.has_value()) return {std::nullopt, range};
+  if (!bias.has_value()) return range;
   const Tensor& b = *bias;
   TORCHSLIM_CHECK(b.is_cpu(), op, ": bias must be on cpu like x, got ", b.device());
   TORCHSLIM_CHECK(b.dim() == 1 && b.size(0) == N, op, ": bias must have shape (", N, ",), got ", shape(b));
   TORCHSLIM_CHECK(is_floating_point(b.scalar_type()), op, ": bias must be floating point, got ", b.scalar_type());
-  return {contiguous_as(b, ScalarType::Float), range};
+  return range;
 }
 
 void check_weight_q(const Tensor& w_q, const char* op) {
@@ -173,17 +167,20 @@ Tensor int8_linear_packed_impl(const Tensor& x, const Tensor& w_packed, const Te
   check_x(x, op);
   TORCHSLIM_CHECK(w_scale.dim() == 1, op, ": w_scale must be 1-D (N,), got shape ", shape(w_scale));
   const int64_t M = x.size(0), K = x.size(1), N = w_scale.size(0);
-  const auto [bias_f32, scale_range] = check_scale_and_bias(w_scale, bias, N, op);
+  const ScaleRange scale_range = check_scale_and_bias(w_scale, bias, N, op);
   check_packed(w_packed, N, K, op);
   TORCHSLIM_CHECK(K <= kMaxK, op, ": K=", K, " exceeds ", kMaxK, ", beyond which the int32 accumulator can overflow");
   if (K == 0) {  // an empty sum: every row is the bias (the kernels assume at least one k step)
     Tensor out = empty({M, N}, x.scalar_type(), x.device());
-    if (bias_f32) copy_into(out, *bias_f32);  // broadcast over the rows
+    if (bias) copy_into(out, contiguous_as(*bias, ScalarType::Float));  // broadcast over the rows
     else zero(out);
     return out;
   }
   Tensor out = empty({M, N}, x.scalar_type(), x.device());
   if (M == 0 || N == 0) return out;
+  // The bias in float32, added in the exact epilogue (not first rounded to x's dtype).
+  Tensor bias_keep;
+  const float* bias_f32 = bias_as_floats(bias, std::nullopt, bias_keep);
 
   // Below 16 rows an AMX tile is mostly padding and its setup costs more than it saves: the
   // AVX-512 VNNI kernel streams the weight as fast (measured: M=1, 1536x384: 7 us vs 17 us).
@@ -203,7 +200,7 @@ Tensor int8_linear_packed_impl(const Tensor& x, const Tensor& w_packed, const Te
   const auto [lo, hi] = safe_row_scales(scale_range);
   const cpu::GemmArgs g{q.const_data_ptr<int8_t>(), K_pad, a_scale, a_offset,
                         w_packed.const_data_ptr<int8_t>() + cpu::kHeaderBytes, w_scale.const_data_ptr<float>(),
-                        bias_f32 ? bias_f32->const_data_ptr<float>() : nullptr,
+                        bias_f32,
                         out.mutable_data_ptr(), N, float_dtype(x, op), M, N, K_pad, lo, hi};
   auto* tile = isa == Isa::Amx ? cpu::gemm_tile_amx
              : isa == Isa::Avx512Vnni ? cpu::gemm_tile_avx512

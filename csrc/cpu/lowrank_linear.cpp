@@ -140,7 +140,7 @@ Tensor lowrank_linear_cpu(Tensor x, Tensor V, Tensor U, std::optional<Tensor> bi
   const char* op = "lowrank_linear";
   check_args(x, V, U, bias, op);
   const int64_t M = x.size(0), K = x.size(1), r = V.size(0), N = U.size(0);
-  Tensor out = empty({M, N}, x.scalar_type(), Device(DeviceType::CPU));
+  Tensor out = empty({M, N}, x.scalar_type(), x.device());
   if (M == 0 || N == 0) return out;
   // The bias as F.linear adds it in x's dtype (so rounded to it once), then float32 for the kernels.
   const std::optional<Tensor> bias_x =
